@@ -1,0 +1,132 @@
+"""Multi-scale deformable attention shared by the ViT-Adapter and the pixel decoder."""
+
+import math
+
+import torch
+from torch import nn
+from transformers.models.mask2former.modeling_mask2former import multi_scale_deformable_attention
+
+
+class OisaMultiscaleDeformableAttention(nn.Module):
+    """
+    Deformable attention of Deformable DETR with a value width of `int(embed_dim * ratio)` (the ViT-Adapter uses 0.25,
+    the pixel decoder 1.0). Its forward signature is the one `Mask2FormerPixelDecoderEncoderLayer` calls, so it
+    replaces the pixel decoder's own attention without changing weight names.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, n_levels: int, n_points: int, ratio: float = 1.0):
+        super().__init__()
+        value_dim = int(embed_dim * ratio)
+        if embed_dim % num_heads or value_dim % num_heads:
+            raise ValueError(
+                f"embed_dim ({embed_dim}) and the value width ({value_dim}) must be divisible by num_heads ({num_heads})."
+            )
+        self.embed_dim = embed_dim
+        self.value_dim = value_dim
+        self.n_heads = num_heads
+        self.n_levels = n_levels
+        self.n_points = n_points
+
+        self.sampling_offsets = nn.Linear(embed_dim, num_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(embed_dim, num_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(embed_dim, value_dim)
+        self.output_proj = nn.Linear(value_dim, embed_dim)
+
+    def offset_grid(self) -> torch.Tensor:
+        """Initial sampling offsets: head m looks along angle 2*pi*m/heads, point p at distance p+1."""
+        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+        grid = torch.stack([thetas.cos(), thetas.sin()], -1)
+        grid = grid / grid.abs().max(-1, keepdim=True)[0]
+        grid = grid.view(self.n_heads, 1, 1, 2).repeat(1, self.n_levels, self.n_points, 1)
+        grid = grid * torch.arange(1, self.n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+        return grid.flatten()
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        position_embeddings: torch.Tensor | None = None,
+        reference_points: torch.Tensor | None = None,
+        spatial_shapes_list: list[tuple[int, int]] | None = None,
+        level_start_index: torch.Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        hidden_states (N, Lq, C) are the queries, encoder_hidden_states (N, S, C) the values over the levels of
+        `spatial_shapes_list`, reference_points (N, Lq, L, 2) normalised (x, y); attention_mask (N, S) marks padded
+        values with True. Returns the output (N, Lq, C) and the attention weights (N, Lq, M, L, P).
+        """
+        if position_embeddings is not None:
+            hidden_states = hidden_states + position_embeddings
+        batch_size, num_queries, _ = hidden_states.shape
+        sequence_length = encoder_hidden_states.shape[1]
+        if sum(height * width for height, width in spatial_shapes_list) != sequence_length:
+            raise ValueError(
+                f"The spatial shapes {spatial_shapes_list} do not cover the {sequence_length} values given."
+            )
+
+        value = self.value_proj(encoder_hidden_states)
+        if attention_mask is not None:
+            value = value.masked_fill(attention_mask[..., None], 0.0)
+        value = value.view(batch_size, sequence_length, self.n_heads, self.value_dim // self.n_heads)
+
+        sampling_offsets = self.sampling_offsets(hidden_states).view(
+            batch_size, num_queries, self.n_heads, self.n_levels, self.n_points, 2
+        )
+        attention_weights = self.attention_weights(hidden_states).view(
+            batch_size, num_queries, self.n_heads, self.n_levels * self.n_points
+        )
+        attention_weights = attention_weights.softmax(-1).view(
+            batch_size, num_queries, self.n_heads, self.n_levels, self.n_points
+        )
+        # offsets are in pixels of each level: x is divided by the level's width, y by its height
+        offset_normalizer = torch.tensor(
+            [[width, height] for height, width in spatial_shapes_list],
+            dtype=reference_points.dtype,
+            device=reference_points.device,
+        )
+        sampling_locations = (
+            reference_points[:, :, None, :, None, :]
+            + sampling_offsets / offset_normalizer[None, None, None, :, None, :]
+        )
+        output = multi_scale_deformable_attention(
+            value, spatial_shapes_list, sampling_locations.to(value.dtype), attention_weights.to(value.dtype)
+        )
+        return self.output_proj(output), attention_weights
+
+
+def cell_centre_reference_points(
+    spatial_shapes_list: list[tuple[int, int]], device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """Normalised (x, y) centres of every cell of the given grids, concatenated: shape (sum(H*W), 2)."""
+    points = []
+    for height, width in spatial_shapes_list:
+        ref_y, ref_x = torch.meshgrid(
+            torch.linspace(0.5, height - 0.5, height, dtype=dtype, device=device) / height,
+            torch.linspace(0.5, width - 0.5, width, dtype=dtype, device=device) / width,
+            indexing="ij",
+        )
+        points.append(torch.stack((ref_x.reshape(-1), ref_y.reshape(-1)), -1))
+    return torch.cat(points, 0)
+
+
+def forward_in_float32(module: nn.Module, *args: torch.Tensor, **kwargs) -> object:
+    """
+    Runs `module` in float32 on float32 copies of its floating parameters and tensor inputs, as CUDA autocast with
+    `dtype=float32` does in the original; gradients still reach the low-precision parameters.
+    """
+    params = dict(module.named_parameters())
+    if all(p.dtype == torch.float32 for p in params.values()):
+        return module(*[_to_float32(a) for a in args], **{k: _to_float32(v) for k, v in kwargs.items()})
+    float_params = {name: p.float() for name, p in params.items()}
+    args = tuple(_to_float32(a) for a in args)
+    kwargs = {k: _to_float32(v) for k, v in kwargs.items()}
+    return torch.func.functional_call(module, float_params, args, kwargs)
+
+
+def _to_float32(value: object) -> object:
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.float()
+    return value

@@ -1,0 +1,92 @@
+"""OISA's special tokens and an offline tiny Qwen2 tokenizer that carries all of them."""
+
+import json
+
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import Qwen2Tokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+
+CHAT_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+# In the order InternVL2 and then OISA's stage 1 add them, so ids follow the released vocabulary.
+OISA_SPECIAL_TOKENS = [
+    "<img>",
+    "</img>",
+    "<IMG_CONTEXT>",
+    "<quad>",
+    "</quad>",
+    "<ref>",
+    "</ref>",
+    "<box>",
+    "</box>",
+    "<aud>",
+    "</aud>",
+    "<AUDIO_CONTEXT>",
+    "<frame>",
+    "</frame>",
+    "[SEG]",
+    "<sub_audio>",
+    "</sub_audio>",
+    "<SUB_AUDIO_CONTEXT>",
+]
+
+# Attribute names under which the tokenizer exposes the tokens the processor and model use (`tokenizer.seg_token_id`).
+NAMED_SPECIAL_TOKENS = {
+    "image_start_token": "<img>",
+    "image_end_token": "</img>",
+    "image_token": "<IMG_CONTEXT>",
+    "ref_start_token": "<ref>",
+    "ref_end_token": "</ref>",
+    "audio_start_token": "<aud>",
+    "audio_end_token": "</aud>",
+    "audio_token": "<AUDIO_CONTEXT>",
+    "seg_token": "[SEG]",
+    "sub_audio_start_token": "<sub_audio>",
+    "sub_audio_end_token": "</sub_audio>",
+    "sub_audio_token": "<SUB_AUDIO_CONTEXT>",
+}
+
+# Text the tiny tokenizer learns its merges from: the template, prompts and answers OISA uses.
+_TINY_CORPUS = [
+    "You are a helpful assistant. Please segment the object this sentence describes in this video: ",
+    "the red circle the blue square the green triangle that makes a sound, referring audio is, referring image is",
+    "Sure, it is . Explanation: No target matches this expression. and explain why. Frame1: Frame2: Frame3:",
+    "the person who is speaking the dog that barks the instrument playing the loudest sound on the left right",
+]
+
+
+def build_tiny_tokenizer(num_merges: int = 123) -> Qwen2Tokenizer:
+    """
+    A byte-level BPE Qwen2 tokenizer built offline: the 256 byte symbols in GPT-2 order (space = 220, as in Qwen2),
+    `num_merges` merges learned from OISA's prompt strings, then the chat tokens and OISA's 18 special tokens. With
+    the default 123 merges the special-token ids equal those of the original's tiny reference tokenizer.
+    """
+    byte_symbols = list(bytes_to_unicode().values())
+    trainer = trainers.BpeTrainer(
+        vocab_size=len(byte_symbols) + num_merges,
+        initial_alphabet=byte_symbols,
+        show_progress=False,
+        special_tokens=[],
+    )
+    learner = Tokenizer(models.BPE())
+    learner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    learner.train_from_iterator(_TINY_CORPUS * 8, trainer=trainer)
+    merges = [tuple(pair.split(" ")) if isinstance(pair, str) else tuple(pair) for pair in json.loads(learner.to_str())["model"]["merges"]]
+    merges = merges[:num_merges]
+
+    vocab = {symbol: index for index, symbol in enumerate(byte_symbols)}
+    for left, right in merges:
+        vocab.setdefault(left + right, len(vocab))
+    for token in CHAT_SPECIAL_TOKENS + OISA_SPECIAL_TOKENS:
+        vocab[token] = len(vocab)
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        unk_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens=NAMED_SPECIAL_TOKENS,
+    )
+    tokenizer.add_tokens(CHAT_SPECIAL_TOKENS + OISA_SPECIAL_TOKENS, special_tokens=True)
+    return tokenizer
