@@ -161,6 +161,13 @@ class OisaPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_attention_backend = True
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        # `_init_weights` below uses `transformers.initialization` throughout, as native models do. The custom-code
+        # heuristic would skip every module without direct parameters, such as the deformable attention and the
+        # decoder layers whose init is set here.
+        return False
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
