@@ -259,6 +259,14 @@ class OisaForReferringSegmentation(OisaPreTrainedModel, GenerationMixin):
             vit_last_hidden_state=torch.cat(vit_states),
         )
 
+    def get_vision_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """
+        The LLM tokens of each image (N, num_image_tokens, text_hidden) without the adapter's maps: the ViT alone,
+        which the adapter never modifies, so the tokens equal those of `get_image_features`.
+        """
+        vit_last_hidden_state = self.vision_tower(pixel_values.to(self.vision_tower.dtype)).last_hidden_state
+        return self.multi_modal_projector(pixel_shuffle(vit_last_hidden_state[:, 1:], self.config.downsample_ratio))
+
     def get_audio_features(
         self, input_features: torch.Tensor, audio_feature_lengths: torch.Tensor | None = None
     ) -> list[torch.Tensor]:
@@ -533,8 +541,24 @@ class OisaForReferringSegmentation(OisaPreTrainedModel, GenerationMixin):
             )
         return total
 
-    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool = False, **kwargs) -> dict:
-        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        is_first_iteration: bool = False,
+        **kwargs,
+    ) -> dict:
+        # images and audio are injected at the first step only; later steps read them from the cache
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids,
+            past_key_values=past_key_values,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
+        )
         if not is_first_iteration and kwargs.get("use_cache", True):
             for name in MULTIMODAL_INPUT_NAMES:
                 model_inputs.pop(name, None)

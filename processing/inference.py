@@ -1,0 +1,217 @@
+"""One call from a video and omnimodal expressions to an answer and one mask per frame."""
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from .media import OisaInputError, VideoReader, decode_audio
+from .processing_oisa import AudioInput, OisaExpression, OisaProcessor
+from .prompts import parse_answer
+
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class OisaSegmentation:
+    """
+    The result for one expression: the answer text (special tokens dropped), its explanation ("" when none), one
+    boolean mask (height, width) per frame at the frame's own size, the per-frame probability that the object is
+    present, and the frame times in seconds.
+    """
+
+    expression_type: str
+    answer: str
+    explanation: str
+    has_seg: bool
+    masks: np.ndarray
+    presence_scores: np.ndarray
+    timestamps: list[float] = field(default_factory=list)
+
+    @property
+    def mask_areas(self) -> list[int]:
+        return [int(mask.sum()) for mask in self.masks]
+
+
+def upsample_masks(mask_logits: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """
+    Mask logits (..., h, w) -> boolean masks at `size`. `binarize_then_upsample` (B15, as released) upsamples the
+    binary mask bilinearly and keeps any positive value, which dilates it slightly; `upsample_logits` upsamples the
+    logits and thresholds at 0.
+    """
+    leading = mask_logits.shape[:-2]
+    flat = mask_logits.reshape(-1, 1, *mask_logits.shape[-2:]).float()
+    if mode == "binarize_then_upsample":
+        flat = (flat > 0).float()
+    upsampled = F.interpolate(flat, size=size, mode="bilinear", align_corners=False)
+    return (upsampled > 0).reshape(*leading, *size)
+
+
+class OisaVideoSegmenter:
+    """
+    Segments the objects that expressions refer to in a video. The LLM sees at most `max_visible_frames` frames; the
+    mask head runs over every frame, `chunk_size` frames at a time, for all expressions at once, so a video's
+    features are computed once however many expressions there are, and memory does not grow with its length.
+    Videos of at most `max_cached_frames` frames are encoded once and kept; longer ones are decoded again for the
+    mask pass instead.
+    """
+
+    def __init__(
+        self,
+        model,
+        processor: OisaProcessor,
+        chunk_size: int = 8,
+        max_new_tokens: int = 100,
+        max_cached_frames: int = 16,
+    ):
+        self.model = model
+        self.processor = processor
+        self.chunk_size = chunk_size
+        self.max_new_tokens = max_new_tokens
+        self.max_cached_frames = max_cached_frames
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def __call__(
+        self,
+        video: str | Path | VideoReader,
+        expressions: OisaExpression | Sequence[OisaExpression],
+        soundtrack: AudioInput | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> OisaSegmentation | list[OisaSegmentation]:
+        """
+        video: a video file or a folder of frames; soundtrack: a separate audio file or waveform (by default the
+        video's own; silence, with a warning, when it has none). `progress(done, total)` is called per chunk.
+        """
+        single = isinstance(expressions, OisaExpression)
+        expressions = [expressions] if single else list(expressions)
+        if not expressions:
+            raise OisaInputError("No expression was given.")
+        reader = video if isinstance(video, VideoReader) else VideoReader(video)
+        info = reader.info
+        if isinstance(soundtrack, (str, Path)):
+            soundtrack = decode_audio(soundtrack, what="Soundtrack")
+        elif soundtrack is None:
+            soundtrack = reader.soundtrack()
+
+        modes = self.processor.frame_token_modes(info.num_frames)
+        visible = [index for index, mode in enumerate(modes) if mode > 0]
+        cache_all = info.num_frames <= self.max_cached_frames
+        with torch.no_grad():
+            if cache_all:
+                frames = reader.read(range(info.num_frames))
+                features = self.model.get_image_features(
+                    self._pixel_values(frames), chunk_size=self.chunk_size
+                )
+                vision_embeds = features.vision_embeds[visible]
+                cached_maps = features.image_maps
+            else:
+                frames = reader.read(visible)
+                vision_embeds = self.model.get_vision_embeddings(self._pixel_values(frames))
+                cached_maps = None
+            visible_frames = [frames[index] for index in visible] if cache_all else frames
+            answers = [
+                self._answer(visible_frames, [modes[index] for index in visible], vision_embeds, soundtrack, expression)
+                for expression in expressions
+            ]
+            seg_states = [state for _, state in answers if state is not None]
+            if seg_states:
+                mask_logits, class_logits = self._segment(reader, torch.cat(seg_states), cached_maps, progress)
+            results, next_query = [], 0
+            for expression, (parsed, state) in zip(expressions, answers):
+                size = (info.num_frames, info.height, info.width)
+                if state is None:
+                    masks, presence = np.zeros(size, dtype=bool), np.zeros(info.num_frames, dtype=np.float32)
+                else:
+                    masks, presence = mask_logits[next_query], class_logits[next_query].softmax(-1)[:, 0].numpy()
+                    next_query += 1
+                results.append(
+                    OisaSegmentation(
+                        expression_type=expression.type,
+                        answer=parsed.text,
+                        explanation=parsed.explanation,
+                        has_seg=parsed.has_seg,
+                        masks=masks,
+                        presence_scores=presence,
+                        timestamps=list(info.timestamps),
+                    )
+                )
+        return results[0] if single else results
+
+    def _pixel_values(self, frames: list) -> torch.Tensor:
+        return self.processor.image_processor(images=frames, return_tensors="pt")["pixel_values"].to(self.device)
+
+    def _answer(self, frames, modes, vision_embeds, soundtrack, expression):
+        """Generates the answer of one expression; returns it parsed and the hidden state for the mask head."""
+        encoding = self.processor(frames, expression, soundtrack=soundtrack, frame_modes=modes).to(self.device)
+        model, config = self.model, self.model.config
+        input_ids = encoding["input_ids"]
+        image_embeds = vision_embeds
+        if expression.image is not None:
+            image_embeds = torch.cat([vision_embeds, model.get_vision_embeddings(encoding["pixel_values"][-1:])])
+        audio = model.get_audio_features(encoding["input_features"], encoding["audio_feature_lengths"])
+        inputs_embeds = model.inject_multimodal_embeddings(
+            input_ids,
+            model.get_input_embeddings()(input_ids),
+            image_embeds,
+            encoding["image_token_modes"],
+            audio,
+            encoding["audio_token_modes"],
+        )
+        generated = model.generate(
+            inputs_embeds=inputs_embeds,
+            attention_mask=encoding["attention_mask"],
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+        )[0]
+        seg_positions = torch.nonzero(generated == config.seg_token_id).flatten()
+        parsed = parse_answer(self.processor.decode_answer(generated), has_seg=len(seg_positions) > 0)
+        if not len(seg_positions):
+            return parsed, None
+        # teacher-forced pass over prompt + answer for the hidden state of the first [SEG] (or of the token before it)
+        full_embeds = torch.cat([inputs_embeds, model.get_input_embeddings()(generated[None])], dim=1)
+        hidden = model(inputs_embeds=full_embeds).last_hidden_state[0]
+        seg_position = input_ids.shape[1] + int(seg_positions[0])
+        if config.seg_hidden_state_source == "before_seg":
+            seg_position -= 1
+        return parsed, hidden[seg_position][None]
+
+    def _segment(self, reader: VideoReader, seg_states: torch.Tensor, cached_maps, progress):
+        """Mask head over every frame in chunks, the queries of all expressions carried together."""
+        model, config = self.model, self.model.config
+        info = reader.info
+        query_position, query_content = model.mask_head.query_decoder.initial_queries(seg_states)
+        masks = np.zeros((seg_states.shape[0], info.num_frames, info.height, info.width), dtype=bool)
+        class_logits = torch.zeros(seg_states.shape[0], info.num_frames, 2)
+        chunk, start = [], 0
+        frame_source = ((index, None) for index in range(info.num_frames)) if cached_maps is not None else reader.iter_frames()
+        for index, frame in frame_source:
+            chunk.append(frame)
+            if len(chunk) < self.chunk_size and index < info.num_frames - 1:
+                continue
+            if cached_maps is not None:
+                maps = [level[start : start + len(chunk)] for level in cached_maps]
+            else:
+                maps = model.get_image_features(self._pixel_values(chunk)).image_maps
+            mask_features, multi_scale = model.mask_head.decode_pixels(maps)
+            decoded = model.mask_head.query_decoder(query_content, query_position, mask_features, multi_scale)
+            query_content = decoded.query_content
+            chunk_masks = upsample_masks(decoded.mask_logits, (info.height, info.width), config.mask_upsampling)
+            if config.use_presence_gating:
+                absent = decoded.class_logits.softmax(-1)[..., 1] > 0.5
+                chunk_masks[absent] = False
+            masks[:, start : start + len(chunk)] = chunk_masks.cpu().numpy()
+            class_logits[:, start : start + len(chunk)] = decoded.class_logits.float().cpu()
+            start += len(chunk)
+            chunk = []
+            if progress is not None:
+                progress(start, info.num_frames)
+        return masks, class_logits
