@@ -1,6 +1,39 @@
-"""Everything between raw files and OISA's tensors: tokenizer, media, prompts, processors, data, metrics."""
+"""Everything between raw files and OISA's tensors: tokenizer, media, prompts, processor, inference, data, metrics.
 
-from .tokenization_oisa import OISA_SPECIAL_TOKENS, build_tiny_tokenizer
+Importing it registers `OisaProcessor` with AutoProcessor for the `oisa` model type.
+"""
+
+from transformers import AutoProcessor
+
+from modeling_oisa import OisaConfig
+
+from .inference import OisaSegmentation, OisaVideoSegmenter, upsample_masks
+from .media import OisaInputError, VideoReader, decode_audio, load_image, write_video
+from .processing_oisa import OisaExpression, OisaProcessor, make_feature_extractor, make_image_processor
+from .prompts import EXPRESSION_TYPES, frame_token_modes, target_answer
+from .tokenization_oisa import NAMED_SPECIAL_TOKENS, OISA_SPECIAL_TOKENS, build_tiny_tokenizer
 
 
-__all__ = ["OISA_SPECIAL_TOKENS", "build_tiny_tokenizer"]
+AutoProcessor.register(OisaConfig, OisaProcessor)
+OisaProcessor.register_for_auto_class()
+
+__all__ = [
+    "EXPRESSION_TYPES",
+    "NAMED_SPECIAL_TOKENS",
+    "OISA_SPECIAL_TOKENS",
+    "OisaExpression",
+    "OisaInputError",
+    "OisaProcessor",
+    "OisaSegmentation",
+    "OisaVideoSegmenter",
+    "VideoReader",
+    "build_tiny_tokenizer",
+    "decode_audio",
+    "frame_token_modes",
+    "load_image",
+    "make_feature_extractor",
+    "make_image_processor",
+    "target_answer",
+    "upsample_masks",
+    "write_video",
+]

@@ -12,9 +12,10 @@ logger = logging.getLogger("oisa")
 
 
 def write_tiny_random(output_dir: Path, seed: int) -> None:
-    """Writes a tiny OISA with random weights and the tiny tokenizer, loadable with `AutoModel.from_pretrained`."""
+    """Writes a tiny OISA with random weights and its processor, loadable with `AutoModel` / `AutoProcessor`."""
     from modeling_oisa import OisaForReferringSegmentation, tiny_oisa_config
 
+    from .processing_oisa import OisaProcessor, make_feature_extractor, make_image_processor
     from .tokenization_oisa import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
@@ -32,9 +33,82 @@ def write_tiny_random(output_dir: Path, seed: int) -> None:
     model = OisaForReferringSegmentation(config)
     model.generation_config.eos_token_id = ids("<|im_end|>")
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    processor = OisaProcessor(
+        make_image_processor(config.image_size),
+        make_feature_extractor(),
+        tokenizer,
+        num_image_tokens=config.num_image_tokens,
+        frame_sampler=config.frame_sampler,
+        sub_audio_layout=config.sub_audio_layout,
+    )
     model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
     logger.info("wrote a tiny random OISA (%d parameters) to %s", model.num_parameters(), output_dir)
+
+
+def segment_video(args: argparse.Namespace) -> None:
+    """`oisa segment`: masks, an overlay video, a contact sheet and result.json for one expression."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+    from tqdm.auto import tqdm
+    from transformers import AutoModel, AutoProcessor
+
+    from .inference import OisaVideoSegmenter
+    from .media import VideoReader, write_video
+    from .processing_oisa import OisaExpression
+    from .visualization import contact_sheet, overlay_mask
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16}[args.dtype]
+    expression = OisaExpression(text=args.text, speech=args.speech, sound=args.sound, image=args.image,
+                                explain=args.explain)
+    expression_type = expression.type
+    reader = VideoReader(args.video)
+    model = AutoModel.from_pretrained(args.model, dtype=dtype).to(device).eval()
+    processor = AutoProcessor.from_pretrained(args.model)
+    segmenter = OisaVideoSegmenter(model, processor, chunk_size=args.chunk_size, max_new_tokens=args.max_new_tokens)
+    with tqdm(total=reader.info.num_frames, unit="frame", desc="segmenting", disable=None) as bar:
+        result = segmenter(reader, expression, soundtrack=args.soundtrack,
+                           progress=lambda done, total: bar.update(done - bar.n))
+
+    out = Path(args.out)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    overlays, sheet_tiles, sheet_labels = [], [], []
+    sheet_frames = set(np.linspace(0, reader.info.num_frames - 1, min(8, reader.info.num_frames)).round().astype(int))
+    for index, frame in reader.iter_frames():
+        mask = result.masks[index]
+        Image.fromarray(mask.astype(np.uint8) * 255).save(out / "masks" / f"{index:05d}.png")
+        overlays.append(overlay_mask(frame, mask))
+        if index in sheet_frames:
+            sheet_tiles.append(overlays[-1])
+            sheet_labels.append(f"frame {index}  t={result.timestamps[index]:.2f}s  area={int(mask.sum())}")
+    fps = 1.0 / (reader.info.timestamps[1] - reader.info.timestamps[0]) if reader.info.num_frames > 1 else 1.0
+    # yuv420p needs even sides
+    height, width = (reader.info.height // 2) * 2, (reader.info.width // 2) * 2
+    write_video(out / "overlay.mp4", np.stack(overlays)[:, :height, :width], fps)
+    contact_sheet(sheet_tiles, sheet_labels).save(out / "contact_sheet.png")
+    summary = {
+        "video": str(args.video),
+        "model": str(args.model),
+        "expression_type": expression_type,
+        "answer": result.answer,
+        "explanation": result.explanation,
+        "segmented": result.has_seg,
+        "frames": [
+            {"index": index, "time": time, "mask_area": area, "presence": float(presence)}
+            for index, (time, area, presence) in enumerate(
+                zip(result.timestamps, result.mask_areas, result.presence_scores)
+            )
+        ],
+    }
+    temporary = out / "result.json.tmp"
+    temporary.write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    temporary.replace(out / "result.json")
+    logger.info("answer: %s", result.answer)
+    logger.info("wrote %d masks, overlay.mp4, contact_sheet.png and result.json to %s", reader.info.num_frames, out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,14 +117,37 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = commands.add_parser("tiny-random", help="write a tiny OISA checkpoint with random weights")
     tiny.add_argument("output_dir", type=Path, help="folder to write the checkpoint to")
     tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+
+    segment = commands.add_parser("segment", help="segment what an expression refers to in a video")
+    segment.add_argument("video", type=Path, help="video file (mp4, mkv, webm, avi...) or folder of frames")
+    segment.add_argument("--text", help="text expression; mark a sound with <audio> and an image with <image>")
+    segment.add_argument("--speech", type=Path, help="spoken expression (any audio file)")
+    segment.add_argument("--sound", type=Path, help="a sound that is part of the expression")
+    segment.add_argument("--image", type=Path, help="an image that is part of the expression")
+    segment.add_argument("--explain", action="store_true", help="ask the model to explain its answer")
+    segment.add_argument("--soundtrack", type=Path, help="the video's audio as a separate file (default: its own)")
+    segment.add_argument("--model", required=True, help="checkpoint folder or Hub id")
+    segment.add_argument("--out", required=True, type=Path, help="output folder")
+    segment.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when available)")
+    segment.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    segment.add_argument("--chunk-size", type=int, default=8, help="frames through the mask head at once")
+    segment.add_argument("--max-new-tokens", type=int, default=100)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
-    if args.command == "tiny-random":
-        write_tiny_random(args.output_dir, args.seed)
+    from .media import OisaInputError
+
+    try:
+        if args.command == "tiny-random":
+            write_tiny_random(args.output_dir, args.seed)
+        elif args.command == "segment":
+            segment_video(args)
+    except OisaInputError as error:
+        logger.error("oisa %s: %s", args.command, error)
+        return 2
     return 0
 
 

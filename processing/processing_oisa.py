@@ -48,7 +48,12 @@ class OisaExpression:
     @property
     def type(self) -> str:
         """One of the 8 OmniAVS expression types."""
-        return expression_type(self.text is not None, self.speech is not None, self.sound is not None, self.image is not None)
+        try:
+            return expression_type(
+                self.text is not None, self.speech is not None, self.sound is not None, self.image is not None
+            )
+        except ValueError as error:
+            raise OisaInputError(str(error)) from error
 
 
 def make_image_processor(image_size: int = 448) -> GotOcr2ImageProcessorPil:
