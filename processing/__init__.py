@@ -8,6 +8,7 @@ from transformers import AutoProcessor
 from modeling_oisa import OisaConfig
 
 from .inference import OisaSegmentation, OisaVideoSegmenter, upsample_masks
+from .pipeline import OisaReferringSegmentationPipeline, register_pipeline
 from .media import OisaInputError, VideoReader, decode_audio, load_image, write_video
 from .processing_oisa import OisaExpression, OisaProcessor, make_feature_extractor, make_image_processor
 from .prompts import EXPRESSION_TYPES, frame_token_modes, target_answer
@@ -16,6 +17,7 @@ from .tokenization_oisa import NAMED_SPECIAL_TOKENS, OISA_SPECIAL_TOKENS, build_
 
 AutoProcessor.register(OisaConfig, OisaProcessor)
 OisaProcessor.register_for_auto_class()
+register_pipeline()
 
 __all__ = [
     "EXPRESSION_TYPES",
@@ -24,6 +26,7 @@ __all__ = [
     "OisaExpression",
     "OisaInputError",
     "OisaProcessor",
+    "OisaReferringSegmentationPipeline",
     "OisaSegmentation",
     "OisaVideoSegmenter",
     "VideoReader",

@@ -214,7 +214,15 @@ def write_video(
             samples = np.asarray(audio, dtype=np.float32)[None]
             audio_frame = av.AudioFrame.from_ndarray(samples, format="flt", layout="mono")
             audio_frame.sample_rate = sampling_rate
-            for packet in audio_stream.encode(audio_frame):
-                container.mux(packet)
+            # each encoder takes its own sample format and frame size
+            converter = av.AudioResampler(
+                format=audio_stream.codec_context.format.name,
+                layout="mono",
+                rate=sampling_rate,
+                frame_size=audio_stream.codec_context.frame_size or None,
+            )
+            for converted in [*converter.resample(audio_frame), *converter.resample(None)]:
+                for packet in audio_stream.encode(converted):
+                    container.mux(packet)
             for packet in audio_stream.encode():
                 container.mux(packet)
