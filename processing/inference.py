@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .media import OisaInputError, VideoReader, decode_audio
+from .media import OisaInputError, VideoReader, decode_audio, silent_soundtrack
 from .processing_oisa import AudioInput, OisaExpression, OisaProcessor
 from .prompts import parse_answer
 
@@ -100,6 +100,9 @@ class OisaVideoSegmenter:
             soundtrack = decode_audio(soundtrack, what="Soundtrack")
         elif soundtrack is None:
             soundtrack = reader.soundtrack()
+        if soundtrack is None:
+            logger.warning("Video %s has no audio track; a silent soundtrack is used.", reader.path)
+            soundtrack = silent_soundtrack(info.duration)
 
         modes = self.processor.frame_token_modes(info.num_frames)
         visible = [index for index, mode in enumerate(modes) if mode > 0]

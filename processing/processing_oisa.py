@@ -240,7 +240,7 @@ class OisaProcessor(ProcessorMixin):
         expr_type = expression.type
 
         if soundtrack is None:
-            logger.warning("The video has no audio track; a silent soundtrack is used.")
+            logger.warning("No soundtrack was given; a second of silence is used.")
             soundtrack = np.zeros(SAMPLING_RATE, dtype=np.float32)
         waveforms = [self.load_audio(soundtrack, "Soundtrack")]
         if expression.speech is not None:
