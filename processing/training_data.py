@@ -1,0 +1,184 @@
+"""Training samples from dataset records, their collation, and streamed, resumable mixtures of sources."""
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from datasets import IterableDataset, interleave_datasets
+from datasets.distributed import split_dataset_by_node
+from torch.nn import functional as F
+
+from .errors import OisaDataError
+from .media import OisaInputError, load_image
+from .processing_oisa import OisaExpression, OisaProcessor
+from .prompts import FRAME_SAMPLERS, target_answer
+
+
+logger = logging.getLogger(__name__)
+
+
+def sample_training_frames(num_frames: int, count: int, sampler: str) -> list[int]:
+    """
+    `count` frame indices for a training sample. `release`: the original sampler (a video shorter than `count`
+    gives all its frames); `linspace`: evenly spread, repeating frames when the video is short (B17 fixed).
+    """
+    if sampler == "linspace":
+        return [round(i * (num_frames - 1) / max(count - 1, 1)) for i in range(count)]
+    return FRAME_SAMPLERS["release"](num_frames, count)
+
+
+def build_omniavs_sample(
+    record,
+    processor: OisaProcessor,
+    num_frames: int = 10,
+    num_dense_frames: int = 4,
+    profile: str = "release",
+) -> dict[str, torch.Tensor]:
+    """
+    One training sample from an OmniAVS-format record (`processing_oisa.datasets_omniavs.OmniAVSRecord`): sampled
+    frames (dense / pooled), the referring media, the prompt with its target answer, and one GT mask per frame at
+    the model's input size. Null expressions answer without `[SEG]` and carry no masks.
+    """
+    sampler = "release" if profile == "release" else "linspace"
+    indices = sample_training_frames(record.num_frames, num_frames, sampler)
+    dense_positions = set(FRAME_SAMPLERS[sampler](len(indices), min(num_dense_frames, len(indices))))
+    modes = [2 if position in dense_positions else 1 for position in range(len(indices))]
+    frames = [load_image(record.frame_paths[index], "Frame") for index in indices]
+
+    has_speech = record.referring_speech_path is not None
+    explain = bool(record.explanation) and (profile != "release" or has_speech)  # B10: release text types never ask
+    expression = OisaExpression(
+        text=None if has_speech else record.text,
+        speech=record.referring_speech_path,
+        sound=record.referring_sound_path,
+        image=record.referring_image_path,
+        explain=explain,
+    )
+    answer = target_answer(record.is_null, record.explanation, release_double_period=profile == "release")
+    encoding = processor(frames, expression, soundtrack=record.soundtrack_path, frame_modes=modes, answer=answer)
+    sample = {key: value[0] if key in ("input_ids", "attention_mask", "labels") else value for key, value in encoding.items()}
+
+    size = processor.image_processor.size["height"]
+    if record.is_null:
+        sample["gt_masks"] = torch.zeros(0, size, size)
+    else:
+        masks = torch.from_numpy(record.gt_masks(indices)).float()[:, None]
+        # nearest resize to the model's square input, as the original does
+        sample["gt_masks"] = F.interpolate(masks, size=(size, size), mode="nearest")[:, 0]
+    sample["gt_mask_valid"] = torch.ones(sample["gt_masks"].shape[0], dtype=torch.bool)
+    return sample
+
+
+class OisaTrainingCollator:
+    """
+    Pads the token sequences of a batch (pad id, -100 labels, zero attention) and concatenates the images, audio
+    clips and GT masks sample after sample, with `images_per_sample` to keep them aligned (B7, B21 fixed).
+    """
+
+    concatenated = (
+        "pixel_values",
+        "image_token_modes",
+        "segmentation_frame_mask",
+        "input_features",
+        "audio_feature_lengths",
+        "audio_token_modes",
+        "gt_masks",
+        "gt_mask_valid",
+    )
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        length = max(sample["input_ids"].shape[0] for sample in samples)
+
+        def pad(key: str, value: int) -> torch.Tensor:
+            return torch.stack(
+                [F.pad(sample[key], (0, length - sample[key].shape[0]), value=value) for sample in samples]
+            )
+
+        batch = {
+            "input_ids": pad("input_ids", self.pad_token_id),
+            "attention_mask": pad("attention_mask", 0),
+            "labels": pad("labels", -100),
+            "images_per_sample": torch.tensor([sample["pixel_values"].shape[0] for sample in samples]),
+        }
+        for key in self.concatenated:
+            batch[key] = torch.cat([sample[key] for sample in samples])
+        return batch
+
+
+@dataclass
+class MixtureSource:
+    """One dataset of a training mixture: its records, how to turn a record into a sample, and its weight."""
+
+    name: str
+    records: Sequence
+    build_sample: Callable
+    weight: float | None = None
+
+
+class SampleBuilder:
+    """
+    Turns the (source, index) items of a stream into training samples in the DataLoader workers. A record that cannot
+    be built (missing or corrupt media, bad annotation) is logged and counted in `num_bad_samples`, and the batch
+    goes on without it (a batch of only bad records holds nothing else).
+    """
+
+    def __init__(self, sources: Sequence[MixtureSource], collator: OisaTrainingCollator):
+        self.sources = {source.name: source for source in sources}
+        self.collator = collator
+        self.bad_samples = 0
+
+    def __call__(self, items: Sequence[dict]) -> dict[str, torch.Tensor]:
+        samples = []
+        for item in items:
+            source = self.sources[item["source"]]
+            try:
+                samples.append(source.build_sample(source.records[item["index"]]))
+            except (OisaDataError, OisaInputError, OSError) as error:
+                self.bad_samples += 1
+                logger.warning("skipped %s record %d: %s", item["source"], item["index"], error)
+        batch = self.collator(samples) if samples else {}
+        batch["num_bad_samples"] = torch.tensor(len(items) - len(samples))
+        return batch
+
+
+def _source_items(name: str, shards: list[list[int]]) -> Iterator[dict]:
+    for shard in shards:
+        for index in shard:
+            yield {"source": name, "index": index}
+
+
+def build_training_stream(
+    sources: Sequence[MixtureSource],
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    shuffle_buffer: int = 1000,
+    num_shards: int = 7,
+) -> IterableDataset:
+    """
+    An endless stream of (source, index) items: each source shuffled with a buffer and repeated, sources
+    interleaved by weight (default: their record counts, the original proportions), split across processes. Each
+    source is split into shards so DataLoader workers share it. Deterministic under `seed`; `.skip(n)` resumes it.
+    The shard count is one no usual world size divides, so processes take every n-th item of one global order and
+    the samples of a step do not depend on the number of processes.
+    """
+    streams, weights = [], []
+    for source in sources:
+        indices = np.arange(len(source.records))
+        shards = [shard.tolist() for shard in np.array_split(indices, min(num_shards, len(indices)))]
+        stream = IterableDataset.from_generator(
+            _source_items, gen_kwargs={"name": source.name, "shards": shards}
+        ).shuffle(seed=seed, buffer_size=shuffle_buffer)
+        streams.append(stream.repeat(None))
+        weights.append(source.weight if source.weight is not None else float(len(source.records)))
+    total = sum(weights)
+    mixture = interleave_datasets(
+        streams, probabilities=[weight / total for weight in weights], seed=seed, stopping_strategy="all_exhausted"
+    ) if len(streams) > 1 else streams[0]
+    return split_dataset_by_node(mixture, rank=rank, world_size=world_size)
+

@@ -1,0 +1,261 @@
+"""The training loop of `train.py`: stage configs, data mixtures, Accelerate, checkpoints that resume exactly."""
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoModel, AutoProcessor, get_scheduler
+
+from modeling_oisa import TrainingSetup, apply_training_setup, merge_training_setup
+
+from .datasets_omniavs import OmniAVSReader
+from .tokenization_oisa import OISA_SPECIAL_TOKENS
+from .training_data import (
+    MixtureSource,
+    OisaTrainingCollator,
+    SampleBuilder,
+    build_omniavs_sample,
+    build_training_stream,
+)
+
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class StageConfig:
+    """One training stage, read from a JSON file in `configs/` (every field there is documented in the README)."""
+
+    stage: int
+    mixture: list[dict]
+    description: str = ""
+    train_modules: list[str] = field(default_factory=list)
+    llm_lora_rank: int = 0
+    audio_lora_rank: int = 0
+    train_new_token_rows: bool = False
+    learning_rate: float = 4e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.03
+    lr_scheduler: str = "cosine"
+    max_grad_norm: float = 1.0
+    per_device_batch_size: int = 2
+    gradient_accumulation_steps: int = 1
+    epochs: float = 1.0
+    max_steps: int | None = None
+    save_steps: int = 500
+    logging_steps: int = 1
+    num_frames: int = 10
+    num_dense_frames: int = 4
+    mixed_precision: str = "bf16"
+    gradient_checkpointing: bool = True
+    num_workers: int = 4
+    shuffle_buffer: int = 1000
+    seed: int = 42
+    profile: str | None = None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "StageConfig":
+        values = json.loads(Path(path).read_text())
+        known = {item.name for item in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown training settings {sorted(unknown)}.")
+        return cls(**values)
+
+
+def build_sources(config: StageConfig, data_roots: dict[str, str], processor, profile: str) -> list[MixtureSource]:
+    """The mixture's datasets, each read from the root given with `--data NAME=ROOT`."""
+    sources = []
+    for entry in config.mixture:
+        name, data_format = entry["name"], entry["format"]
+        if name not in data_roots:
+            raise ValueError(f"The mixture needs `--data {name}=ROOT` (format {data_format}).")
+        if data_format != "omniavs":
+            raise ValueError(
+                f"Source {name!r} has format {data_format!r}, which has no training reader yet; "
+                "only OmniAVS-format data trains for now."
+            )
+        records = OmniAVSReader(data_roots[name], split=entry.get("split", "train"))
+
+        def build(record, processor=processor):
+            return build_omniavs_sample(record, processor, config.num_frames, config.num_dense_frames, profile)
+
+        sources.append(MixtureSource(name=name, records=records, build_sample=build, weight=entry.get("weight")))
+    return sources
+
+
+def _latest_checkpoint(output_dir: Path) -> Path | None:
+    checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    return checkpoints[-1] if checkpoints else None
+
+
+def _save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, samples_seen: int) -> None:
+    """Saves model, optimizer, scheduler and RNG states to a temporary folder, then renames it: never half-written."""
+    final = output_dir / f"checkpoint-{step}"
+    temporary = output_dir / f".checkpoint-{step}.tmp"
+    if accelerator.is_main_process and temporary.exists():
+        shutil.rmtree(temporary)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(temporary))
+    if accelerator.is_main_process:
+        (temporary / STATE_FILE).write_text(json.dumps({"step": step, "samples_seen_per_process": samples_seen}))
+        os.replace(temporary, final)
+    accelerator.wait_for_everyone()
+
+
+def train(
+    config: StageConfig,
+    model_path: str,
+    output_dir: str | Path,
+    data_roots: dict[str, str],
+    max_steps: int | None = None,
+    resume: bool = False,
+    merge: bool = False,
+    push_to_hub: str | None = None,
+    cpu: bool = False,
+) -> Path:
+    """Runs one stage; returns the folder of the final model (merged when `merge`)."""
+    output_dir = Path(output_dir)
+    accelerator = Accelerator(
+        mixed_precision="no" if cpu else config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with="tensorboard",
+        project_dir=str(output_dir),
+        cpu=cpu,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    set_seed(config.seed)
+    processor = AutoProcessor.from_pretrained(model_path)
+    model = AutoModel.from_pretrained(model_path, dtype=torch.float32)
+    profile = config.profile or model.config.profile
+    if config.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    new_token_ids = processor.tokenizer.convert_tokens_to_ids(OISA_SPECIAL_TOKENS) if config.train_new_token_rows else []
+    model = apply_training_setup(
+        model,
+        TrainingSetup(
+            train_modules=config.train_modules,
+            llm_lora_rank=config.llm_lora_rank,
+            audio_lora_rank=config.audio_lora_rank,
+            new_token_ids=new_token_ids,
+        ),
+    )
+
+    sources = build_sources(config, data_roots, processor, profile)
+    records = sum(len(source.records) for source in sources)
+    global_batch = config.per_device_batch_size * accelerator.num_processes * config.gradient_accumulation_steps
+    total_steps = max_steps or config.max_steps or max(math.ceil(config.epochs * records / global_batch), 1)
+
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = get_scheduler(
+        config.lr_scheduler,
+        optimizer,
+        num_warmup_steps=math.ceil(config.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    step, samples_seen = 0, 0
+    checkpoint = _latest_checkpoint(output_dir) if resume else None
+    if checkpoint is not None:
+        state = json.loads((checkpoint / STATE_FILE).read_text())
+        step, samples_seen = state["step"], state["samples_seen_per_process"]
+
+    stream = build_training_stream(
+        sources, config.seed, accelerator.process_index, accelerator.num_processes, config.shuffle_buffer
+    ).skip(samples_seen)
+    builder = SampleBuilder(sources, OisaTrainingCollator(processor.tokenizer.pad_token_id))
+    loader = DataLoader(
+        stream, batch_size=config.per_device_batch_size, collate_fn=builder, num_workers=0 if cpu else config.num_workers
+    )
+    # the loader's iterator draws from the RNG: create it before the checkpoint's RNG states are restored, as the
+    # uninterrupted run created it before saving them
+    batches = iter(loader)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        logger.info("resumed from %s at step %d", checkpoint, step)
+
+    accelerator.init_trackers("oisa", config={"stage": config.stage, "total_steps": total_steps})
+    progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc="training")
+    model.train()
+    started, samples_since_log, bad_samples, loss_history = time.perf_counter(), 0, 0, []
+    failed_in_a_row = 0
+    for batch in batches:
+        samples_seen += config.per_device_batch_size
+        bad_samples += int(batch.pop("num_bad_samples"))
+        if "input_ids" not in batch:
+            failed_in_a_row += 1
+            if failed_in_a_row >= 50:
+                raise RuntimeError(f"The last {failed_in_a_row} batches had no usable sample; see the warnings above.")
+            continue
+        failed_in_a_row = 0
+        batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+        with accelerator.accumulate(model):
+            output = model(**batch)
+            accelerator.backward(output.loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        samples_since_log += batch["input_ids"].shape[0]
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        progress.update(1)
+        if step % config.logging_steps == 0 or step == total_steps:
+            elapsed = time.perf_counter() - started
+            logs = {
+                f"loss/{name}": accelerator.reduce(getattr(output, name).detach(), reduction="mean").item()
+                for name in ("loss", "lm_loss", "class_loss", "dice_loss", "bce_loss")
+                if getattr(output, name) is not None
+            }
+            logs.update(
+                {
+                    "lr": scheduler.get_last_lr()[0],
+                    "samples_per_second": samples_since_log * accelerator.num_processes / elapsed,
+                    "bad_samples": bad_samples,
+                }
+            )
+            if torch.cuda.is_available():
+                logs["memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            accelerator.log(logs, step=step)
+            loss_history.append({"step": step, **{k: v for k, v in logs.items() if k.startswith("loss/")}})
+            progress.set_postfix(loss=f"{logs['loss/loss']:.4f}")
+            started, samples_since_log = time.perf_counter(), 0
+        if step % config.save_steps == 0 and step < total_steps:
+            _save_checkpoint(accelerator, output_dir, step, samples_seen)
+        if step >= total_steps:
+            break
+    progress.close()
+    accelerator.end_training()
+
+    final_dir = output_dir / ("final-merged" if merge else "final")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        trained = accelerator.unwrap_model(model)
+        if merge:
+            trained = merge_training_setup(trained)
+        trained.save_pretrained(final_dir)
+        processor.save_pretrained(final_dir)
+        (final_dir / STATE_FILE).write_text(
+            json.dumps({"step": step, "bad_samples": bad_samples, "log_history": loss_history}, indent=1)
+        )
+        if push_to_hub:
+            trained.push_to_hub(push_to_hub)
+            processor.push_to_hub(push_to_hub)
+    accelerator.wait_for_everyone()
+    return final_dir

@@ -1,0 +1,173 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModel, AutoProcessor
+
+import processing_oisa  # noqa: F401
+from modeling_oisa import OisaForReferringSegmentation, TrainingSetup, apply_training_setup, merge_training_setup
+from processing_oisa.cli import main as oisa_main
+from processing_oisa.datasets_omniavs import OmniAVSReader
+from processing_oisa.training_data import OisaTrainingCollator, build_omniavs_sample
+
+from .test_readers import _line, build_omniavs
+
+
+REPO = Path(__file__).resolve().parents[1]
+TYPES = ["text", "speech", "text_sound", "speech_image", "text_sound_image", "speech_sound", "text_image", "speech_sound_image"]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    data = root / "omniavs"
+    lines = [
+        _line("v1", index, expr_type, [] if index == 3 else ["1"], expl="it is the first one" if index == 2 else None)
+        for index, expr_type in enumerate(TYPES)
+    ]
+    build_omniavs(data, lines)
+    (data / "meta_expressions_test.jsonl").rename(data / "meta_expressions_train.jsonl")
+    checkpoint = root / "tiny"
+    oisa_main(["tiny-random", str(checkpoint)])
+    config = json.loads((REPO / "configs" / "stage4_omniavs.json").read_text())
+    config.update(per_device_batch_size=2, save_steps=2, num_frames=3, num_dense_frames=2, llm_lora_rank=4,
+                  learning_rate=2e-3, warmup_ratio=0.0, lr_scheduler="constant", gradient_checkpointing=False,
+                  num_workers=0, shuffle_buffer=4)
+    (root / "stage.json").write_text(json.dumps(config))
+    return root
+
+
+def run_train(workspace, output, *extra, processes=1, batch=None, background=False):
+    config = workspace / "stage.json"
+    if batch is not None:
+        values = json.loads(config.read_text())
+        values["per_device_batch_size"] = batch
+        config = workspace / f"stage_batch{batch}.json"
+        config.write_text(json.dumps(values))
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes),
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    command = launcher + [str(REPO / "train.py"), "--config", str(config), "--model", str(workspace / "tiny"),
+                          "--output-dir", str(output), "--data", f"omniavs={workspace / 'omniavs'}", "--cpu", *extra]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    if background:
+        return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads((output / ("final-merged" if "--merge" in extra else "final") / "trainer_state.json").read_text())
+
+
+def test_training_sample_and_collation(workspace):
+    processor = AutoProcessor.from_pretrained(workspace / "tiny")
+    records = OmniAVSReader(workspace / "omniavs", split="train")
+    samples = [build_omniavs_sample(record, processor, num_frames=3, num_dense_frames=2) for record in records]
+    positive, null = samples[0], samples[3]
+    assert positive["gt_masks"].shape == (3, 224, 224) and positive["gt_masks"].sum() > 0
+    assert null["gt_masks"].shape == (0, 224, 224)
+    decode = processor.tokenizer.decode
+    assert decode(positive["input_ids"][positive["labels"] != -100]) == "Sure, it is [SEG].<|im_end|>"
+    assert decode(null["input_ids"][null["labels"] != -100]) == "No target matches this expression.<|im_end|>"
+    # release profile: a text expression with an explanation keeps the base question (B10), the double period (B11)
+    explained = samples[2]
+    assert "and explain why" not in decode(explained["input_ids"])
+    assert decode(explained["input_ids"][explained["labels"] != -100]).startswith("Sure, it is [SEG]. Explanation: ")
+    batch = OisaTrainingCollator(processor.tokenizer.pad_token_id)(samples[:4])
+    assert batch["images_per_sample"].tolist() == [3, 3, 3, 4]
+    assert batch["gt_masks"].shape[0] == 9  # three positive samples x 3 frames, none for the null one
+    model = AutoModel.from_pretrained(workspace / "tiny", dtype=torch.float32)
+    output = model(**batch)
+    assert torch.isfinite(output.loss) and len(output.mask_logits) == 3
+
+
+def test_lora_touches_only_the_language_model(workspace):
+    model = OisaForReferringSegmentation.from_pretrained(workspace / "tiny", dtype=torch.float32)
+    wrapped = apply_training_setup(model, TrainingSetup(train_modules=["vision_adapter", "mask_head"], llm_lora_rank=4,
+                                                        new_token_ids=[384, 396]))
+    lora = [name for name, _ in wrapped.named_parameters() if "lora_" in name]
+    assert lora and all(".language_model.layers." in name for name in lora)
+    trainable_towers = {name.split(".")[2] for name, p in wrapped.named_parameters() if p.requires_grad}
+    assert trainable_towers == {"language_model", "lm_head", "vision_adapter", "mask_head"}
+    frozen = [name for name, p in wrapped.named_parameters() if ("vision_tower" in name or "audio_tower" in name) and p.requires_grad]
+    assert not frozen
+
+
+def test_merge_gives_the_unmerged_outputs(workspace):
+    torch.manual_seed(0)
+    model = OisaForReferringSegmentation.from_pretrained(workspace / "tiny", dtype=torch.float32)
+    wrapped = apply_training_setup(model, TrainingSetup(train_modules=["mask_head"], llm_lora_rank=4, new_token_ids=[396]))
+    with torch.no_grad():
+        for name, parameter in wrapped.named_parameters():
+            if "lora_B" in name or "trainable_tokens_delta" in name:
+                parameter.normal_(std=0.05)
+    wrapped.eval()
+    ids = torch.tensor([[380, 30, 31, 396, 13, 381]])
+    with torch.no_grad():
+        before = wrapped(input_ids=ids).logits
+        merged = merge_training_setup(wrapped)
+        after = merged(input_ids=ids).logits
+    assert isinstance(merged, OisaForReferringSegmentation)
+    torch.testing.assert_close(before, after, atol=1e-5, rtol=1e-5)
+    untouched = OisaForReferringSegmentation.from_pretrained(workspace / "tiny", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (untouched(input_ids=ids).logits - after).abs().max() > 1e-3  # the LoRA did change the model
+
+
+def test_training_lowers_the_loss_and_merges(workspace, tmp_path):
+    state = run_train(workspace, tmp_path / "run", "--max-steps", "6", "--merge")
+    losses = [entry["loss/loss"] for entry in state["log_history"]]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    merged = AutoModel.from_pretrained(tmp_path / "run" / "final-merged", dtype=torch.float32)
+    assert isinstance(merged, OisaForReferringSegmentation)
+    assert not any("lora" in name for name in merged.state_dict())
+
+
+def test_killed_run_resumes_to_the_same_weights(workspace, tmp_path):
+    run_train(workspace, tmp_path / "whole", "--max-steps", "4")
+    interrupted = run_train(workspace, tmp_path / "cut", "--max-steps", "4", background=True)
+    deadline = time.time() + 500
+    while not (tmp_path / "cut" / "checkpoint-2").exists():
+        assert interrupted.poll() is None, interrupted.stderr.read()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.5)
+    interrupted.kill()
+    interrupted.wait()
+    assert not (tmp_path / "cut" / "final").exists()
+    run_train(workspace, tmp_path / "cut", "--max-steps", "4", "--resume")
+    whole_state = _final_state(tmp_path / "whole")
+    resumed_state = _final_state(tmp_path / "cut")
+    assert whole_state.keys() == resumed_state.keys()
+    for key in whole_state:
+        torch.testing.assert_close(resumed_state[key], whole_state[key], atol=1e-6, rtol=1e-6)
+
+
+def _final_state(output):
+    files = sorted((output / "final").glob("*.safetensors"))
+    state = {}
+    for file in files:
+        state.update(load_file(file))
+    return state
+
+
+def test_two_processes_match_one_with_the_doubled_batch(workspace, tmp_path):
+    one = run_train(workspace, tmp_path / "one", "--max-steps", "2", batch=2)
+    two = run_train(workspace, tmp_path / "two", "--max-steps", "2", processes=2, batch=1)
+    first, second = one["log_history"][0], two["log_history"][0]
+    # the same two samples: one process averages tokens over both, two processes average their two means
+    assert abs(first["loss/loss"] - second["loss/loss"]) < 0.05 * first["loss/loss"]
+
+
+def test_a_malformed_sample_is_reported_not_fatal(workspace, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(workspace / "omniavs", broken)
+    (broken / "referrings" / "referring_speeches" / "s.wav").write_bytes(b"not audio at all")
+    (tmp_path / "stage.json").write_text((workspace / "stage.json").read_text())
+    (tmp_path / "tiny").symlink_to(workspace / "tiny")
+    (tmp_path / "omniavs").symlink_to(broken)
+    state = run_train(tmp_path, tmp_path / "out", "--max-steps", "4")
+    assert state["bad_samples"] > 0 and state["step"] == 4

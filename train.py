@@ -1,0 +1,53 @@
+"""Train one OISA stage on a streamed data mixture, on one process or many.
+
+    accelerate launch train.py --config configs/stage4_omniavs.json --model M --output-dir O --data omniavs=ROOT
+        [--max-steps N] [--resume] [--merge] [--push-to-hub REPO]
+
+The stage's config file (configs/*.json) sets what trains (LoRA on the LLM, the adapter and mask head in full),
+the optimiser, batch sizes and the mixture; `--data NAME=ROOT` says where each of its datasets lives. Checkpoints go
+to O/checkpoint-N (model, optimizer, scheduler, RNG and data position) and `--resume` continues from the latest;
+the final model goes to O/final, or O/final-merged with `--merge` (LoRA folded into the weights, ready for the next
+stage). The accelerate configs in configs/accelerate/ give DDP, FSDP and DeepSpeed ZeRO-1.
+"""
+
+import argparse
+import logging
+
+import processing_oisa  # noqa: F401  (registers the processor)
+from processing_oisa.training_loop import StageConfig, train
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="stage config file (configs/*.json)")
+    parser.add_argument("--model", required=True, help="checkpoint to start from (folder or Hub id)")
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--data", action="append", default=[], metavar="NAME=ROOT", help="root of a mixture dataset")
+    parser.add_argument("--max-steps", type=int, help="optimizer steps (default: the config's epochs)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    parser.add_argument("--merge", action="store_true", help="fold LoRA into the weights of the final model")
+    parser.add_argument("--push-to-hub", metavar="REPO", help="upload the final model and processor")
+    parser.add_argument("--cpu", action="store_true", help="train on CPU in float32")
+    return parser.parse_args()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    args = parse_args()
+    data_roots = dict(item.split("=", 1) for item in args.data)
+    final = train(
+        StageConfig.from_file(args.config),
+        args.model,
+        args.output_dir,
+        data_roots,
+        max_steps=args.max_steps,
+        resume=args.resume,
+        merge=args.merge,
+        push_to_hub=args.push_to_hub,
+        cpu=args.cpu,
+    )
+    logging.getLogger("train").info("final model in %s", final)
+
+
+if __name__ == "__main__":
+    main()
