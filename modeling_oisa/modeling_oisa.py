@@ -1,11 +1,12 @@
 """OISA: InternViT + ViT-Adapter, Qwen2, a Whisper encoder and a `[SEG]`-driven mask head."""
 
+import os
 from dataclasses import dataclass
 from enum import IntEnum
 
 import torch
 from torch import nn
-from transformers import AutoModel, GenerationMixin, InternVLVisionModel, PreTrainedModel
+from transformers import AutoModel, GenerationConfig, GenerationMixin, InternVLVisionModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
@@ -15,6 +16,7 @@ from transformers.utils import ModelOutput
 
 from .audio_encoder import OisaAudioEncoder, audio_token_counts
 from .configuration_oisa import OisaConfig
+from .convert_original import convert_original_in_memory, find_original_checkpoint
 from .deformable_attention import OisaMultiscaleDeformableAttention
 from .losses import point_mask_losses, presence_loss
 from .mask_head import OisaMaskHead, OisaQueryDecoder, OisaQueryDecoderLayer, OisaQueryDecoderOutput
@@ -226,6 +228,49 @@ class OisaForReferringSegmentation(OisaPreTrainedModel, GenerationMixin):
         )
         self.mask_head = OisaMaskHead(config)
         self.post_init()
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike | None, *model_args, **kwargs
+    ) -> "OisaForReferringSegmentation":
+        r"""
+        Loads OISA from our format, or from an original OISA checkpoint (`model_type: internvl_chat`, e.g. the released
+        `FudanCVL/OISA-1B-OmniAVS`), which is converted in memory: LoRA pairs merged, weights renamed and checked
+        strictly, config rebuilt from the weights. The original does not describe its Whisper encoder's head count;
+        it comes from an `internomni_whisper_config.json` or `audio_encoder_config.json` beside the weights, or from
+        the extra argument `audio_encoder_config` (a WhisperConfig dict or the path of its JSON).
+        """
+        original_dir = None
+        if pretrained_model_name_or_path is not None:
+            download_kwargs = {name: value for name, value in kwargs.items() if name != "config"}
+            original_dir = find_original_checkpoint(
+                pretrained_model_name_or_path, kwargs.get("config"), **download_kwargs
+            )
+        if original_dir is None:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        if isinstance(dtype, str) and dtype != "auto":
+            dtype = getattr(torch, dtype)
+        converted = convert_original_in_memory(
+            original_dir,
+            cls,
+            audio_encoder_config=kwargs.pop("audio_encoder_config", None),
+            dtype=dtype if isinstance(dtype, torch.dtype) else None,
+        )
+        for name in ("cache_dir", "revision", "token", "force_download", "local_files_only", "trust_remote_code"):
+            kwargs.pop(name, None)
+        kwargs["config"] = converted.config
+        loaded = super().from_pretrained(None, *model_args, state_dict=converted.state_dict, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model.config.name_or_path = str(pretrained_model_name_or_path)
+        # the original's chat loop stops at <|im_end|>, which it passes to `generate` explicitly
+        model.generation_config = GenerationConfig(
+            bos_token_id=converted.config.text_config.bos_token_id,
+            eos_token_id=converted.end_of_turn_token_id,
+            pad_token_id=converted.pad_token_id,
+        )
+        return loaded
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()

@@ -111,12 +111,107 @@ def segment_video(args: argparse.Namespace) -> None:
     logger.info("wrote %d masks, overlay.mp4, contact_sheet.png and result.json to %s", reader.info.num_frames, out)
 
 
+def convert_original(src: str, dst: Path, audio_encoder_config: Path | None, dtype: str) -> None:
+    """Converts an original OISA checkpoint (directory or Hub repo id) to OISA's format, tokenizer included."""
+    from modeling_oisa import convert_original_checkpoint
+
+    from .tokenization_oisa import NAMED_SPECIAL_TOKENS
+
+    convert_original_checkpoint(
+        src, dst, audio_encoder_config=audio_encoder_config, named_special_tokens=NAMED_SPECIAL_TOKENS, dtype=dtype
+    )
+    logger.info("converted %s to %s", src, dst)
+
+
+def init_from_parts(internvl2: Path, whisper: Path, adapter: Path, output_dir: Path, seed: int) -> None:
+    """Writes the stage-1 OISA assembled from InternVL2, the InternOmni Whisper encoder and the ViT-Adapter."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from modeling_oisa import build_stage1_model
+
+    from .tokenization_oisa import NAMED_SPECIAL_TOKENS, OISA_SPECIAL_TOKENS
+
+    # OISA's tokens go after InternVL2's, in the original order, so ids follow the released vocabulary
+    tokenizer = AutoTokenizer.from_pretrained(internvl2)
+    tokenizer.add_tokens(OISA_SPECIAL_TOKENS, special_tokens=True)
+    tokenizer.save_pretrained(output_dir)
+    tokenizer = AutoTokenizer.from_pretrained(output_dir, extra_special_tokens=NAMED_SPECIAL_TOKENS)
+    ids = tokenizer.convert_tokens_to_ids
+    model, report = build_stage1_model(
+        internvl2,
+        whisper,
+        adapter,
+        vocab_size=len(tokenizer),
+        seed=seed,
+        image_token_id=ids("<IMG_CONTEXT>"),
+        audio_token_id=ids("<AUDIO_CONTEXT>"),
+        seg_token_id=ids("[SEG]"),
+        sub_audio_token_id=ids("<SUB_AUDIO_CONTEXT>"),
+    )
+    model.generation_config = GenerationConfig(
+        bos_token_id=model.config.text_config.bos_token_id,
+        eos_token_id=ids("<|im_end|>"),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model.save_pretrained(output_dir, save_original_format=False)
+    tokenizer.save_pretrained(output_dir)
+    fresh_modules = sorted({".".join(name.split(".")[:2]) for name in report.initialized})
+    logger.info("wrote the stage-1 OISA to %s; freshly initialised: %s", output_dir, ", ".join(fresh_modules))
+
+
+def make_synthetic(out: Path, dataset_format: str, num_videos: int, seed: int) -> int:
+    """`oisa make-synthetic`: a synthetic OmniAVS or Ref-AVS dataset of moving shapes; 2 when it cannot be written."""
+    from .synthetic_dataset import MissingProgramError, make_synthetic_dataset
+
+    try:
+        make_synthetic_dataset(out, dataset_format, num_videos, seed)
+    except (MissingProgramError, FileExistsError) as error:
+        logger.error("oisa make-synthetic: %s", error)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oisa", description="OISA: omnimodal referring audio-visual segmentation.")
     commands = parser.add_subparsers(dest="command", required=True)
     tiny = commands.add_parser("tiny-random", help="write a tiny OISA checkpoint with random weights")
     tiny.add_argument("output_dir", type=Path, help="folder to write the checkpoint to")
     tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    convert = commands.add_parser(
+        "convert", help="convert an original OISA checkpoint (internvl_chat layout, e.g. OISA-1B) to OISA's format"
+    )
+    convert.add_argument("src", help="original checkpoint folder or Hub repo id")
+    convert.add_argument("dst", type=Path, help="folder to write the converted checkpoint to")
+    convert.add_argument(
+        "--audio-encoder-config",
+        type=Path,
+        default=None,
+        help="WhisperConfig JSON of the checkpoint's audio encoder (gives its head count), unless one lies beside the "
+        "weights as internomni_whisper_config.json or audio_encoder_config.json",
+    )
+    convert.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="auto",
+        help="dtype of the written weights (auto: the checkpoint's)",
+    )
+    parts = commands.add_parser(
+        "init-from-parts",
+        help="assemble the stage-1 OISA from InternVL2-1B, the InternOmni Whisper encoder and the ViT-Adapter",
+    )
+    parts.add_argument("--internvl2", type=Path, required=True, help="InternVL2 folder (original layout)")
+    parts.add_argument("--whisper", type=Path, required=True, help="InternOmni Whisper encoder folder")
+    parts.add_argument("--adapter", type=Path, required=True, help="ViT-Adapter Mask2Former model_final.pth")
+    parts.add_argument("--seed", type=int, default=0, help="seed of the freshly initialised parts")
+    parts.add_argument("output_dir", type=Path, help="folder to write the model and tokenizer to")
+
+    synthetic = commands.add_parser(
+        "make-synthetic", help="write a synthetic OmniAVS or Ref-AVS dataset of moving shapes (OmniAVS needs espeak-ng)"
+    )
+    synthetic.add_argument("out", type=Path, help="folder to write the dataset to (new or empty)")
+    synthetic.add_argument("--format", choices=("omniavs", "refavs"), default="omniavs", help="on-disk layout")
+    synthetic.add_argument("--videos", type=int, default=10, help="number of videos")
+    synthetic.add_argument("--seed", type=int, default=0, help="the same seed writes the same dataset")
 
     segment = commands.add_parser("segment", help="segment what an expression refers to in a video")
     segment.add_argument("video", type=Path, help="video file (mp4, mkv, webm, avi...) or folder of frames")
@@ -138,14 +233,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
+    from modeling_oisa import OisaCheckpointError
+
     from .media import OisaInputError
 
     try:
         if args.command == "tiny-random":
             write_tiny_random(args.output_dir, args.seed)
+        elif args.command == "convert":
+            convert_original(args.src, args.dst, args.audio_encoder_config, args.dtype)
+        elif args.command == "init-from-parts":
+            init_from_parts(args.internvl2, args.whisper, args.adapter, args.output_dir, args.seed)
+        elif args.command == "make-synthetic":
+            return make_synthetic(args.out, args.format, args.videos, args.seed)
         elif args.command == "segment":
             segment_video(args)
-    except OisaInputError as error:
+    except (OisaInputError, OisaCheckpointError) as error:
         logger.error("oisa %s: %s", args.command, error)
         return 2
     return 0

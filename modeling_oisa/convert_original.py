@@ -1,0 +1,833 @@
+"""
+Conversion of original OISA checkpoints (the `internvl_chat` layout of FudanCVL/OmniAVS, as released in
+`FudanCVL/OISA-1B-OmniAVS`) to OISA's own config and weight names.
+
+The original stores no description of its audio encoder (its `audio_config` holds WhisperConfig defaults) and
+hard-codes the ViT-Adapter and mask-head sizes in Python, so the config is rebuilt from the weights' shapes, plus the
+Whisper head count from a companion config. Weights may be safetensors or `.bin` shards, bf16 or fp32, merged or
+still LoRA-wrapped (PEFT keys, merged here in float32).
+"""
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from huggingface_hub import snapshot_download
+from safetensors import safe_open
+from transformers import AutoTokenizer, PreTrainedConfig
+from transformers.utils import cached_file, logging
+
+from .configuration_oisa import OisaConfig
+
+
+logger = logging.get_logger(__name__)
+
+ORIGINAL_MODEL_TYPE = "internvl_chat"
+
+# Original tensors that OISA does not have, with the reason. Everything else maps to exactly one parameter (the
+# fused ViT `attn.qkv` to three).
+DROPPED_ORIGINAL_KEYS = {
+    "mask_decoder.predictor.query_feat.weight": "Mask2Former's 100 learned query features; OISA's comes from [SEG]",
+    "mask_decoder.predictor.query_embed.weight": "Mask2Former's 100 learned query positions; OISA's comes from [SEG]",
+}
+
+# Files next to an original checkpoint that may describe its Whisper encoder (the original reads its encoder from
+# `playground/pretrained/internomni_whisper`, never from the checkpoint's own `audio_config`).
+AUDIO_ENCODER_CONFIG_NAMES = ("internomni_whisper_config.json", "audio_encoder_config.json")
+
+# LoRA scales alpha / r of the original wrappers: the LLM uses alpha = 2r; the audio wrapper doubles the alpha it is
+# passed (2r) again, so 4r; the (unused) backbone wrapper uses 2r.
+LORA_SCALES = {"language_model.": 2.0, "audio_model.": 4.0, "vision_model.": 2.0}
+
+TOKEN_ID_FIELDS = {
+    "image_token_id": "<IMG_CONTEXT>",
+    "audio_token_id": "<AUDIO_CONTEXT>",
+    "sub_audio_token_id": "<SUB_AUDIO_CONTEXT>",
+    "seg_token_id": "[SEG]",
+}
+END_OF_TURN_TOKEN = "<|im_end|>"
+
+_QWEN2_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "hidden_act",
+    "max_position_embeddings",
+    "initializer_range",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "rope_theta",
+    "rope_scaling",
+    "use_sliding_window",
+    "sliding_window",
+    "max_window_layers",
+    "attention_dropout",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+)
+
+
+class OisaCheckpointError(ValueError):
+    """An original checkpoint cannot be converted exactly: unreadable file, unknown or missing key, wrong shape."""
+
+
+class OisaOriginalConfig(PreTrainedConfig):
+    r"""
+    The config of an original OISA checkpoint (`model_type: internvl_chat`: `vision_config`, `llm_config`,
+    `audio_config`, `force_image_size`, `use_llm_lora`...), its fields kept as written and untyped, as hand-edited
+    releases may differ. It is only read to be converted: registering it with `AutoConfig` lets `AutoModel` route
+    original checkpoints to [`OisaForReferringSegmentation`], whose `from_pretrained` converts them.
+    """
+
+    model_type = ORIGINAL_MODEL_TYPE
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Key renaming. Each rule pairs an original name with ours; `{i}`, `{j}` stand for layer indexes and `{block}` for the
+# last interaction block, which holds the extra extractors. A rule matches whole dotted components, so a prefix rule
+# also renames every key below it. The same table runs in both directions.
+# --------------------------------------------------------------------------------------------------------------------
+
+_EXTRACTOR_PARTS = (
+    ("query_norm", "attention.query_norm"),
+    ("feat_norm", "attention.feat_norm"),
+    ("attn", "attention.attn"),
+    ("ffn_norm", "ffn_norm"),
+    ("ffn", "ffn"),
+)
+
+_RENAME_RULES: tuple[tuple[str, str], ...] = (
+    # InternViT
+    ("vision_model.embeddings.class_embedding", "vision_tower.embeddings.cls_token"),
+    ("vision_model.embeddings.position_embedding", "vision_tower.embeddings.position_embeddings"),
+    ("vision_model.embeddings.patch_embedding", "vision_tower.embeddings.patch_embeddings.projection"),
+    ("vision_model.encoder.layers.{i}.ls1", "vision_tower.encoder.layer.{i}.lambda_1"),
+    ("vision_model.encoder.layers.{i}.ls2", "vision_tower.encoder.layer.{i}.lambda_2"),
+    ("vision_model.encoder.layers.{i}.attn.proj", "vision_tower.encoder.layer.{i}.attention.projection_layer"),
+    ("vision_model.encoder.layers.{i}.norm1", "vision_tower.encoder.layer.{i}.layernorm_before"),
+    ("vision_model.encoder.layers.{i}.norm2", "vision_tower.encoder.layer.{i}.layernorm_after"),
+    ("vision_model.encoder.layers.{i}.mlp", "vision_tower.encoder.layer.{i}.mlp"),
+    # ViT-Adapter
+    ("vision_model.level_embed", "vision_adapter.level_embed"),
+    ("vision_model.spm", "vision_adapter.spatial_prior"),
+    *(
+        (f"vision_model.interactions.{{i}}.extractor.{original}", f"vision_adapter.extractors.{{i}}.{ours}")
+        for original, ours in _EXTRACTOR_PARTS
+    ),
+    *(
+        (
+            f"vision_model.interactions.{{block}}.extra_extractors.{{j}}.{original}",
+            f"vision_adapter.extra_extractors.{{j}}.{ours}",
+        )
+        for original, ours in _EXTRACTOR_PARTS
+    ),
+    ("vision_model.up", "vision_adapter.up"),
+    *((f"vision_model.norm{level + 1}", f"vision_adapter.output_norms.{level}") for level in range(4)),
+    # projectors
+    ("mlp1.0", "multi_modal_projector.layer_norm"),
+    ("mlp1.1", "multi_modal_projector.linear_1"),
+    ("mlp1.3", "multi_modal_projector.linear_2"),
+    ("mlp2.0", "audio_projector.layer_norm"),
+    ("mlp2.1", "audio_projector.linear_1"),
+    ("mlp2.3", "audio_projector.linear_2"),
+    # LLM and audio encoder
+    ("language_model.lm_head", "lm_head"),
+    ("language_model.model", "language_model"),
+    ("audio_model.encoder", "audio_tower"),
+    # pixel decoder (Mask2Former names of transformers)
+    ("mask_decoder.pixel_decoder.input_proj", "mask_head.pixel_decoder.input_projections"),
+    ("mask_decoder.pixel_decoder.transformer.level_embed", "mask_head.pixel_decoder.level_embed"),
+    (
+        "mask_decoder.pixel_decoder.transformer.encoder.layers.{i}.self_attn",
+        "mask_head.pixel_decoder.encoder.layers.{i}.self_attn",
+    ),
+    (
+        "mask_decoder.pixel_decoder.transformer.encoder.layers.{i}.linear1",
+        "mask_head.pixel_decoder.encoder.layers.{i}.fc1",
+    ),
+    (
+        "mask_decoder.pixel_decoder.transformer.encoder.layers.{i}.linear2",
+        "mask_head.pixel_decoder.encoder.layers.{i}.fc2",
+    ),
+    (
+        "mask_decoder.pixel_decoder.transformer.encoder.layers.{i}.norm1",
+        "mask_head.pixel_decoder.encoder.layers.{i}.self_attn_layer_norm",
+    ),
+    (
+        "mask_decoder.pixel_decoder.transformer.encoder.layers.{i}.norm2",
+        "mask_head.pixel_decoder.encoder.layers.{i}.final_layer_norm",
+    ),
+    ("mask_decoder.pixel_decoder.mask_features", "mask_head.pixel_decoder.mask_projection"),
+    ("mask_decoder.pixel_decoder.adapter_1.norm", "mask_head.pixel_decoder.adapter_1.1"),
+    ("mask_decoder.pixel_decoder.adapter_1.weight", "mask_head.pixel_decoder.adapter_1.0.weight"),
+    ("mask_decoder.pixel_decoder.layer_1.norm", "mask_head.pixel_decoder.layer_1.1"),
+    ("mask_decoder.pixel_decoder.layer_1.weight", "mask_head.pixel_decoder.layer_1.0.weight"),
+    # query decoder
+    ("mask_decoder.predictor.seg_token_proj.layers.{i}", "mask_head.query_decoder.seg_token_projection.{i}.0"),
+    ("mask_decoder.predictor.level_embed", "mask_head.query_decoder.level_embed"),
+    (
+        "mask_decoder.predictor.transformer_cross_attention_layers.{i}.multihead_attn",
+        "mask_head.query_decoder.layers.{i}.cross_attn",
+    ),
+    (
+        "mask_decoder.predictor.transformer_cross_attention_layers.{i}.norm",
+        "mask_head.query_decoder.layers.{i}.cross_attn_layer_norm",
+    ),
+    ("mask_decoder.predictor.transformer_ffn_layers.{i}.linear1", "mask_head.query_decoder.layers.{i}.fc1"),
+    ("mask_decoder.predictor.transformer_ffn_layers.{i}.linear2", "mask_head.query_decoder.layers.{i}.fc2"),
+    (
+        "mask_decoder.predictor.transformer_ffn_layers.{i}.norm",
+        "mask_head.query_decoder.layers.{i}.final_layer_norm",
+    ),
+    ("mask_decoder.predictor.decoder_norm", "mask_head.query_decoder.layer_norm"),
+    ("mask_decoder.predictor.class_embed", "mask_head.query_decoder.class_predictor"),
+    ("mask_decoder.predictor.mask_embed.layers.{i}", "mask_head.query_decoder.mask_predictor.mask_embedder.{i}.0"),
+)
+
+# InternViT's fused attention input projection, split into transformers' q/k/v projections (in that order).
+_FUSED_QKV = ("vision_model.encoder.layers.{i}.attn.qkv", "vision_tower.encoder.layer.{i}.attention.{part}_proj")
+_QKV_PARTS = ("q", "k", "v")
+
+
+def _template_regex(template: str) -> re.Pattern:
+    pattern = re.escape(template)
+    for name in ("i", "j", "block"):
+        pattern = pattern.replace(re.escape(f"{{{name}}}"), f"(?P<{name}>\\d+)")
+    pattern = pattern.replace(re.escape("{part}"), "(?P<part>[qkv])")
+    return re.compile(f"^{pattern}(?P<rest>(\\..+)?)$")
+
+
+_FORWARD_RULES = [(_template_regex(original), ours) for original, ours in _RENAME_RULES]
+_REVERSE_RULES = [(_template_regex(ours), original) for original, ours in _RENAME_RULES]
+_QKV_FORWARD = _template_regex(_FUSED_QKV[0])
+_QKV_REVERSE = _template_regex(_FUSED_QKV[1])
+
+
+def original_to_oisa_keys(key: str) -> list[str] | None:
+    """Our parameter name(s) for an original key (three for the fused `attn.qkv`), or None if no rule matches."""
+    match = _QKV_FORWARD.match(key)
+    if match:
+        return [_FUSED_QKV[1].format(i=match["i"], part=part) + match["rest"] for part in _QKV_PARTS]
+    for regex, ours in _FORWARD_RULES:
+        match = regex.match(key)
+        if match:
+            fields = {name: value for name, value in match.groupdict().items() if name != "rest"}
+            return [ours.format(**fields) + match["rest"]]
+    return None
+
+
+def oisa_to_original_key(key: str, config: OisaConfig) -> str | None:
+    """The original key a parameter of ours comes from (q/k/v of InternViT share `attn.qkv`), or None."""
+    match = _QKV_REVERSE.match(key)
+    if match:
+        return _FUSED_QKV[0].format(i=match["i"]) + match["rest"]
+    last_block = len(config.adapter_interaction_indexes) - 1
+    for regex, original in _REVERSE_RULES:
+        match = regex.match(key)
+        if match:
+            fields = {name: value for name, value in match.groupdict().items() if name != "rest"}
+            return original.format(block=last_block, **fields) + match["rest"]
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reading original checkpoints
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OriginalCheckpoint:
+    """The tensors of an original checkpoint (LoRA already merged) and the file each came from."""
+
+    tensors: dict[str, torch.Tensor]
+    files: dict[str, str]
+
+
+def load_json_config(path: str | os.PathLike) -> dict:
+    """A JSON config file as a dict."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise OisaCheckpointError(f"Cannot read the config {path}: {error}") from error
+
+
+def read_original_config(directory: str | os.PathLike) -> dict:
+    """The `config.json` of a checkpoint directory as a dict."""
+    return load_json_config(Path(directory) / "config.json")
+
+
+def is_original_checkpoint_dir(directory: str | os.PathLike) -> bool:
+    """Whether a local directory holds an original OISA checkpoint (`model_type: internvl_chat`)."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("model_type") == ORIGINAL_MODEL_TYPE
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The weight files of a checkpoint directory, from its index when sharded."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index_path = directory / index_name
+        if index_path.is_file():
+            try:
+                weight_map = json.loads(index_path.read_text())["weight_map"]
+            except (OSError, json.JSONDecodeError, KeyError) as error:
+                raise OisaCheckpointError(f"Cannot read the shard index {index_path}: {error}") from error
+            files = sorted(set(weight_map.values()))
+            for name in files:
+                if not (directory / name).is_file():
+                    keys = sorted(key for key, shard in weight_map.items() if shard == name)
+                    raise OisaCheckpointError(
+                        f"Shard {directory / name} listed in {index_path} is missing (it holds {keys[0]!r} and "
+                        f"{len(keys) - 1} other keys)."
+                    )
+            return [directory / name for name in files]
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (directory / name).is_file():
+            return [directory / name]
+    raise OisaCheckpointError(
+        f"No weights in {directory}: expected model.safetensors, pytorch_model.bin or a sharded index of either."
+    )
+
+
+def read_weight_file(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of one safetensors or `.bin` file; a file that cannot be read raises naming it (and the key)."""
+    if path.suffix == ".safetensors":
+        tensors = {}
+        try:
+            handle = safe_open(str(path), framework="pt")
+        except Exception as error:
+            raise OisaCheckpointError(f"Cannot read the weight file {path}: {error}") from error
+        with handle:
+            for key in handle.keys():
+                try:
+                    tensors[key] = handle.get_tensor(key)
+                except Exception as error:
+                    raise OisaCheckpointError(f"Cannot read tensor {key!r} from {path}: {error}") from error
+        return tensors
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:
+        raise OisaCheckpointError(f"Cannot read the weight file {path}: {error}") from error
+    if not isinstance(state_dict, Mapping) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise OisaCheckpointError(f"The weight file {path} does not hold a flat state dict of tensors.")
+    return dict(state_dict)
+
+
+def _strip_peft_wrappers(key: str) -> str:
+    # PEFT wraps a module as `<name>.base_model.model.<inner>`; a wrapped linear keeps its weight in `base_layer`
+    return key.replace(".base_model.model.", ".").replace(".base_layer.", ".")
+
+
+def merge_lora(
+    tensors: Mapping[str, torch.Tensor], files: Mapping[str, str], dtype: torch.dtype | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """
+    Unwraps PEFT keys and merges every LoRA pair into its base weight, W + scale * B @ A computed in float32 and
+    stored in `dtype` (W's own by default), so it is rounded once (scale 2 for the LLM and the ViT, 4 for the audio
+    encoder). Returns the merged tensors and the file each came from.
+    """
+    merged, merged_files, lora = {}, {}, {}
+    for key, tensor in tensors.items():
+        unwrapped = _strip_peft_wrappers(key)
+        match = re.match(r"^(?P<module>.+)\.lora_(?P<side>[AB])(\.[^.]+)?\.weight$", unwrapped)
+        if match:
+            lora.setdefault(match["module"], {})[match["side"]] = (key, tensor)
+            continue
+        if "lora_" in unwrapped:
+            raise OisaCheckpointError(f"Unsupported LoRA tensor {key!r} in {files[key]}.")
+        if unwrapped in merged:
+            raise OisaCheckpointError(f"Key {key!r} in {files[key]} duplicates {unwrapped!r} once unwrapped.")
+        merged[unwrapped] = tensor
+        merged_files[unwrapped] = files[key]
+    for module, sides in sorted(lora.items()):
+        if set(sides) != {"A", "B"}:
+            key = next(iter(sides.values()))[0]
+            raise OisaCheckpointError(
+                f"LoRA tensor {key!r} in {files[key]} has no lora_{'A' if 'B' in sides else 'B'}."
+            )
+        base_key = f"{module}.weight"
+        if base_key not in merged:
+            key = sides["A"][0]
+            raise OisaCheckpointError(f"LoRA tensor {key!r} in {files[key]} has no base weight {base_key!r}.")
+        scale = next((value for prefix, value in LORA_SCALES.items() if module.startswith(prefix)), None)
+        if scale is None:
+            raise OisaCheckpointError(
+                f"LoRA on {module!r} ({files[sides['A'][0]]}) is not part of the original model."
+            )
+        base = merged[base_key]
+        lora_a, lora_b = sides["A"][1].float(), sides["B"][1].float()
+        if (lora_b.shape[0], lora_a.shape[1]) != tuple(base.shape):
+            raise OisaCheckpointError(
+                f"LoRA pair of {base_key!r} ({files[sides['A'][0]]}) has shapes {tuple(lora_a.shape)} and "
+                f"{tuple(lora_b.shape)}, which do not fit the base weight {tuple(base.shape)}."
+            )
+        merged[base_key] = (base.float() + scale * (lora_b @ lora_a)).to(dtype or base.dtype)
+    return merged, merged_files
+
+
+def read_original_checkpoint(directory: str | os.PathLike, dtype: torch.dtype | None = None) -> OriginalCheckpoint:
+    """Reads every weight file of an original checkpoint directory and merges LoRA pairs (into `dtype` if given)."""
+    directory = Path(directory)
+    tensors, files = {}, {}
+    for path in weight_files(directory):
+        for key, tensor in read_weight_file(path).items():
+            if key in tensors:
+                raise OisaCheckpointError(f"Key {key!r} appears in both {files[key]} and {path}.")
+            tensors[key] = tensor
+            files[key] = str(path)
+    tensors, files = merge_lora(tensors, files, dtype)
+    return OriginalCheckpoint(tensors=tensors, files=files)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _count_indexes(keys: list[str], prefix: str) -> int:
+    pattern = re.compile(f"^{re.escape(prefix)}(\\d+)\\.")
+    indexes = {int(match[1]) for key in keys if (match := pattern.match(key))}
+    if indexes and indexes != set(range(len(indexes))):
+        raise OisaCheckpointError(f"The layers under {prefix!r} are not numbered 0..n-1: {sorted(indexes)}.")
+    return len(indexes)
+
+
+def _shape(shapes: Mapping[str, tuple[int, ...]], key: str) -> tuple[int, ...]:
+    if key not in shapes:
+        raise OisaCheckpointError(f"The original checkpoint has no {key!r}, which sets a size of the model.")
+    return tuple(shapes[key])
+
+
+def audio_encoder_dims(shapes: Mapping[str, tuple[int, ...]]) -> dict:
+    """The Whisper encoder sizes that its weights fix: width, FFN, layers, mel bins and positions."""
+    keys = list(shapes)
+    prefix = "audio_model.encoder."
+    d_model, num_mel_bins, _ = _shape(shapes, f"{prefix}conv1.weight")
+    return {
+        "d_model": d_model,
+        "num_mel_bins": num_mel_bins,
+        "encoder_layers": _count_indexes(keys, f"{prefix}layers."),
+        "encoder_ffn_dim": _shape(shapes, f"{prefix}layers.0.fc1.weight")[0],
+        "max_source_positions": _shape(shapes, f"{prefix}embed_positions.weight")[0],
+    }
+
+
+def find_audio_encoder_config(directory: str | os.PathLike) -> dict | None:
+    """A companion Whisper config next to an original checkpoint (see `AUDIO_ENCODER_CONFIG_NAMES`), if any."""
+    for name in AUDIO_ENCODER_CONFIG_NAMES:
+        path = Path(directory) / name
+        if path.is_file():
+            return load_json_config(path)
+    return None
+
+
+def audio_config_from_weights(
+    shapes: Mapping[str, tuple[int, ...]],
+    companion: Mapping | None,
+    original_audio_config: Mapping | None = None,
+    source: str = "the checkpoint",
+) -> dict:
+    """
+    The Whisper encoder config of OISA: sizes from the weights, the head count (which weights cannot give) and the
+    activation from `companion` (e.g. `internomni_whisper_config.json`), else from the original's own `audio_config`
+    when that describes these weights. Raises when the head count cannot be known.
+    """
+    dims = audio_encoder_dims(shapes)
+    described_by = None
+    for candidate, name in ((companion, "the audio encoder config"), (original_audio_config, "its `audio_config`")):
+        if candidate is None:
+            continue
+        mismatched = {field: candidate.get(field) for field, value in dims.items() if candidate.get(field) != value}
+        if candidate is companion and mismatched:
+            raise OisaCheckpointError(
+                f"The audio encoder config given for {source} does not describe its Whisper weights: the weights have "
+                f"{dims}, the config has {mismatched}."
+            )
+        if not mismatched and candidate.get("encoder_attention_heads"):
+            described_by = (candidate, name)
+            break
+    if described_by is None:
+        raise OisaCheckpointError(
+            f"The number of attention heads of the Whisper encoder of {source} cannot be known from its weights "
+            f"({dims}), and no config describes them: put the encoder's WhisperConfig next to the checkpoint as one "
+            f"of {AUDIO_ENCODER_CONFIG_NAMES} or pass `audio_encoder_config` (a dict or a path; for OISA-1B, the "
+            f"`config.json` of FudanCVL/OISA-Train `internomni_whisper`, 20 heads)."
+        )
+    candidate, name = described_by
+    logger.info(
+        "Whisper encoder of %s: sizes from the weights, %d heads from %s.",
+        source,
+        candidate["encoder_attention_heads"],
+        name,
+    )
+    return {
+        "model_type": "whisper",
+        **dims,
+        "encoder_attention_heads": candidate["encoder_attention_heads"],
+        "activation_function": candidate.get("activation_function", "gelu"),
+        "encoder_layerdrop": 0.0,
+    }
+
+
+def check_original_behaviour(original_config: Mapping) -> None:
+    """Raises unless the original config selects the behaviour OISA implements (pixel shuffle v2, last ViT layer...)."""
+    for field, supported in (("ps_version", "v2"), ("select_layer", -1), ("qwa_version", "internomni")):
+        if original_config.get(field, supported) != supported:
+            raise OisaCheckpointError(
+                f"OISA runs with {field} = {supported!r}; this checkpoint has {original_config[field]!r}."
+            )
+
+
+def vision_config_from_original(original_config: Mapping) -> dict:
+    """InternVLVisionConfig fields from the original InternViT config (`intern_vit_6b`)."""
+    vision = original_config["vision_config"]
+    image_size = original_config.get("force_image_size") or vision["image_size"]
+    return {
+        "hidden_size": vision["hidden_size"],
+        "num_hidden_layers": vision["num_hidden_layers"],
+        "num_attention_heads": vision["num_attention_heads"],
+        "intermediate_size": vision["intermediate_size"],
+        "attention_bias": vision.get("qkv_bias", True),
+        "use_qk_norm": vision.get("qk_normalization", False),
+        "norm_type": vision.get("norm_type", "rms_norm"),
+        "layer_norm_eps": vision.get("layer_norm_eps", 1e-6),
+        "hidden_act": vision.get("hidden_act", "gelu"),
+        "image_size": image_size,
+        "patch_size": vision["patch_size"],
+        # InternViT has no final norm before the LLM projector
+        "use_mean_pooling": True,
+    }
+
+
+def text_config_from_original(original_config: Mapping, vocab_size: int) -> dict:
+    """Qwen2Config fields from the original `llm_config`, with the vocabulary size of the weights."""
+    llm = original_config["llm_config"]
+    architectures = llm.get("architectures") or ["Qwen2ForCausalLM"]
+    if llm.get("model_type", "qwen2") != "qwen2" or architectures != ["Qwen2ForCausalLM"]:
+        raise OisaCheckpointError(
+            f"OISA's LLM is Qwen2; this checkpoint's is {llm.get('model_type')} {architectures}."
+        )
+    text_config = {"model_type": "qwen2", **{field: llm[field] for field in _QWEN2_FIELDS if field in llm}}
+    text_config["vocab_size"] = vocab_size
+    return text_config
+
+
+def adapter_config_from_weights(shapes: Mapping[str, tuple[int, ...]], num_vit_layers: int, hidden_size: int) -> dict:
+    """The ViT-Adapter sizes the original hard-codes, read from its weights."""
+    keys = list(shapes)
+    num_blocks = _count_indexes(keys, "vision_model.interactions.")
+    if num_blocks == 0 or num_vit_layers % num_blocks:
+        raise OisaCheckpointError(
+            f"{num_blocks} adapter interaction blocks cannot split the {num_vit_layers} ViT layers equally; pass "
+            f"`adapter_interaction_indexes` explicitly."
+        )
+    per_block = num_vit_layers // num_blocks
+    last_block = f"vision_model.interactions.{num_blocks - 1}."
+    misplaced = [key for key in keys if ".extra_extractors." in key and not key.startswith(last_block)]
+    if misplaced:
+        raise OisaCheckpointError(f"{misplaced[0]!r}: the extra extractors must belong to the last interaction block.")
+    extractor = "vision_model.interactions.0.extractor."
+    value_dim = _shape(shapes, f"{extractor}attn.value_proj.weight")[0]
+    cffn_dim = _shape(shapes, f"{extractor}ffn.fc1.weight")[0]
+    return {
+        "adapter_conv_inplane": _shape(shapes, "vision_model.spm.stem.0.weight")[0],
+        "adapter_interaction_indexes": [
+            [block * per_block, (block + 1) * per_block - 1] for block in range(num_blocks)
+        ],
+        "adapter_deform_ratio": value_dim / hidden_size,
+        "adapter_cffn_ratio": cffn_dim / hidden_size,
+        "adapter_num_extra_extractors": _count_indexes(
+            keys, f"vision_model.interactions.{num_blocks - 1}.extra_extractors."
+        ),
+    }
+
+
+def mask_head_config_from_weights(shapes: Mapping[str, tuple[int, ...]]) -> dict:
+    """The mask-head sizes (widths, layers, FFNs, heads) that the original takes from yaml or hard-codes."""
+    keys = list(shapes)
+    pixel = "mask_decoder.pixel_decoder."
+    predictor = "mask_decoder.predictor."
+    hidden_dim, in_channels = _shape(shapes, f"{pixel}input_proj.0.0.weight")[:2]
+    # the pixel decoder's deformable attention reads 3 levels with 4 points per head
+    attention_outputs = _shape(shapes, f"{pixel}transformer.encoder.layers.0.self_attn.attention_weights.weight")[0]
+    return {
+        "mask_head_in_channels": in_channels,
+        "mask_hidden_dim": hidden_dim,
+        "mask_feature_dim": _shape(shapes, f"{pixel}mask_features.weight")[0],
+        "mask_num_heads": attention_outputs // (3 * 4),
+        "pixel_decoder_layers": _count_indexes(keys, f"{pixel}transformer.encoder.layers."),
+        "pixel_decoder_ffn_dim": _shape(shapes, f"{pixel}transformer.encoder.layers.0.linear1.weight")[0],
+        "query_decoder_layers": _count_indexes(keys, f"{predictor}transformer_cross_attention_layers."),
+        "query_decoder_ffn_dim": _shape(shapes, f"{predictor}transformer_ffn_layers.0.linear1.weight")[0],
+        "seg_token_projection_dim": _shape(shapes, f"{predictor}seg_token_proj.layers.0.weight")[0],
+    }
+
+
+def oisa_config_from_original(
+    original_config: Mapping,
+    shapes: Mapping[str, tuple[int, ...]],
+    audio_encoder_config: Mapping | None = None,
+    token_ids: Mapping[str, int] | None = None,
+    **overrides,
+) -> OisaConfig:
+    """
+    The [`OisaConfig`] of an original checkpoint from its `config.json` (ViT and LLM), the shapes of its (merged)
+    tensors (adapter, mask head, Whisper encoder) and a Whisper config giving the encoder's head count. `token_ids`
+    maps `image_token_id`, `audio_token_id`, `sub_audio_token_id` and `seg_token_id` to the tokenizer's ids.
+    """
+    if original_config.get("model_type") != ORIGINAL_MODEL_TYPE:
+        raise OisaCheckpointError(
+            f"Not an original OISA config: model_type is {original_config.get('model_type')!r}, not "
+            f"{ORIGINAL_MODEL_TYPE!r}."
+        )
+    check_original_behaviour(original_config)
+    if "mask_decoder.predictor.seg_token_proj.layers.0.weight" not in shapes:
+        raise OisaCheckpointError(
+            "This internvl_chat checkpoint has no mask head (enable_mask was off): it is InternVL2 or an OISA "
+            "stage-1 model, not a segmentation model. Build from parts with `build_stage1_model`, or load a plain "
+            "InternVL2 with `trust_remote_code=True`."
+        )
+    vision_config = vision_config_from_original(original_config)
+    vocab_size = _shape(shapes, "language_model.model.embed_tokens.weight")[0]
+    text_config = text_config_from_original(original_config, vocab_size)
+    tie_word_embeddings = "language_model.lm_head.weight" not in shapes
+    if tie_word_embeddings and not text_config.get("tie_word_embeddings", False):
+        raise OisaCheckpointError("The checkpoint has no language_model.lm_head.weight but its LLM is not tied.")
+    text_config["tie_word_embeddings"] = tie_word_embeddings
+    audio_config = audio_config_from_weights(shapes, audio_encoder_config, original_config.get("audio_config"))
+    fields = {
+        "vision_config": vision_config,
+        "text_config": text_config,
+        "audio_config": audio_config,
+        "downsample_ratio": original_config.get("downsample_ratio", 0.5),
+        "tie_word_embeddings": tie_word_embeddings,
+        **adapter_config_from_weights(shapes, vision_config["num_hidden_layers"], vision_config["hidden_size"]),
+        **mask_head_config_from_weights(shapes),
+        **(token_ids or {}),
+        **overrides,
+    }
+    return OisaConfig(**fields)
+
+
+def token_ids_from_tokenizer(tokenizer) -> dict[str, int]:
+    """The config's special-token ids, read from the tokenizer (`convert_tokens_to_ids`)."""
+    vocab = tokenizer.get_vocab()
+    missing = [token for token in (*TOKEN_ID_FIELDS.values(), END_OF_TURN_TOKEN) if token not in vocab]
+    if missing:
+        raise OisaCheckpointError(f"The checkpoint's tokenizer lacks OISA's special tokens {missing}.")
+    return {field: tokenizer.convert_tokens_to_ids(token) for field, token in TOKEN_ID_FIELDS.items()}
+
+
+def load_original_tokenizer(directory: str | os.PathLike, named_special_tokens: Mapping[str, str] | None = None):
+    """The original Qwen2 tokenizer of a checkpoint directory, with `named_special_tokens` as attributes if given."""
+    extra = {"extra_special_tokens": dict(named_special_tokens)} if named_special_tokens else {}
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), **extra)
+    except (OSError, ValueError) as error:
+        raise OisaCheckpointError(f"Cannot load the tokenizer of {directory}: {error}") from error
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Weights
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def convert_original_state_dict(
+    tensors: Mapping[str, torch.Tensor], files: Mapping[str, str] | None = None, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """
+    Renames (and splits the fused ViT `attn.qkv` of) merged original tensors to our names, drops
+    `DROPPED_ORIGINAL_KEYS`, and casts floating tensors to `dtype` when given. An unknown key raises.
+    """
+    files = files or {}
+    converted = {}
+    for key, tensor in tensors.items():
+        if key in DROPPED_ORIGINAL_KEYS:
+            continue
+        targets = original_to_oisa_keys(key)
+        if targets is None:
+            raise OisaCheckpointError(f"Unknown original key {key!r} in {files.get(key, 'the checkpoint')}.")
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        parts = tensor.chunk(len(targets), dim=0) if len(targets) > 1 else (tensor,)
+        for target, part in zip(targets, parts):
+            converted[target] = part.contiguous()
+    return converted
+
+
+def check_converted_state_dict(
+    converted: Mapping[str, torch.Tensor],
+    expected: Mapping[str, tuple[int, ...]],
+    config: OisaConfig,
+    files: Mapping[str, str],
+    source: str,
+    allow_missing: bool = False,
+) -> None:
+    """
+    Raises naming the original key and its file when a parameter is unexpected, of the wrong shape or (unless
+    `allow_missing`) missing. `files` maps original keys to their files, `source` names all of them.
+    """
+    for key, shape in expected.items():
+        original = oisa_to_original_key(key, config)
+        if key not in converted:
+            if allow_missing:
+                continue
+            raise OisaCheckpointError(
+                f"Missing weight: {original!r} (our {key!r}, shape {tuple(shape)}) is in none of the weight files "
+                f"{source}."
+            )
+        if tuple(converted[key].shape) != tuple(shape):
+            raise OisaCheckpointError(
+                f"Shape mismatch: {original!r} in {files.get(original, source)} gives our {key!r} the shape "
+                f"{tuple(converted[key].shape)}, but the config needs {tuple(shape)}."
+            )
+    unexpected = sorted(set(converted) - set(expected))
+    if unexpected:
+        original = oisa_to_original_key(unexpected[0], config)
+        raise OisaCheckpointError(
+            f"Unexpected weight {original!r} in {files.get(original, source)} (our {unexpected[0]!r}): the model "
+            f"built from the checkpoint's config has no such parameter."
+        )
+
+
+def expected_parameter_shapes(model_class: type, config: OisaConfig) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of every tensor a model of `config` loads (tied weights once), built on the meta device."""
+    with torch.device("meta"):
+        model = model_class(config)
+    shapes = {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        for target in model_class._tied_weights_keys:
+            shapes.pop(target, None)
+    return shapes
+
+
+@dataclass
+class ConvertedCheckpoint:
+    """An original checkpoint converted in memory: our config, our state dict and the special-token ids."""
+
+    config: OisaConfig
+    state_dict: dict[str, torch.Tensor]
+    end_of_turn_token_id: int
+    pad_token_id: int | None
+
+
+def convert_original_in_memory(
+    directory: str | os.PathLike,
+    model_class: type,
+    audio_encoder_config: Mapping | str | os.PathLike | None = None,
+    dtype: torch.dtype | None = None,
+) -> ConvertedCheckpoint:
+    """
+    Converts an original checkpoint directory: reads and merges its weights, builds the config (Whisper head count
+    from `audio_encoder_config`, else from a companion file), renames the weights and checks them strictly against a
+    `model_class` of that config. Floating tensors are cast to `dtype` when given.
+    """
+    directory = Path(directory)
+    original_config = read_original_config(directory)
+    checkpoint = read_original_checkpoint(directory, dtype)
+    if isinstance(audio_encoder_config, (str, os.PathLike)):
+        audio_encoder_config = load_json_config(audio_encoder_config)
+    if audio_encoder_config is None:
+        audio_encoder_config = find_audio_encoder_config(directory)
+    tokenizer = load_original_tokenizer(directory)
+    shapes = {key: tuple(tensor.shape) for key, tensor in checkpoint.tensors.items()}
+    config = oisa_config_from_original(
+        original_config, shapes, audio_encoder_config, token_ids_from_tokenizer(tokenizer)
+    )
+    converted = convert_original_state_dict(checkpoint.tensors, checkpoint.files, dtype)
+    weight_file_names = ", ".join(sorted(set(checkpoint.files.values())))
+    check_converted_state_dict(
+        converted, expected_parameter_shapes(model_class, config), config, checkpoint.files, weight_file_names
+    )
+    logger.info(
+        "Converted the original checkpoint %s: %d tensors, dropped %s.",
+        directory,
+        len(checkpoint.tensors),
+        sorted(set(DROPPED_ORIGINAL_KEYS) & set(checkpoint.tensors)),
+    )
+    return ConvertedCheckpoint(
+        config=config,
+        state_dict=converted,
+        end_of_turn_token_id=tokenizer.convert_tokens_to_ids(END_OF_TURN_TOKEN),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------------------------------------
+
+_DOWNLOAD_KWARGS = ("cache_dir", "revision", "token", "force_download", "local_files_only")
+
+
+def find_original_checkpoint(
+    pretrained_model_name_or_path: str | os.PathLike, config: object = None, **download_kwargs
+) -> Path | None:
+    """
+    The local directory of an original OISA checkpoint, or None when `pretrained_model_name_or_path` is something else
+    (our format). A Hub repo id is recognised from its `config.json` and then fetched with
+    `huggingface_hub.snapshot_download`; a local path is never sent to the Hub.
+    """
+    if os.path.isdir(pretrained_model_name_or_path):
+        is_original = isinstance(config, OisaOriginalConfig) or is_original_checkpoint_dir(
+            pretrained_model_name_or_path
+        )
+        return Path(pretrained_model_name_or_path) if is_original else None
+    if config is not None and not isinstance(config, OisaOriginalConfig):
+        return None
+    if config is None:
+        config_file = cached_file(
+            str(pretrained_model_name_or_path),
+            "config.json",
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+            **{name: value for name, value in download_kwargs.items() if name in _DOWNLOAD_KWARGS},
+        )
+        if config_file is None or not is_original_checkpoint_dir(Path(config_file).parent):
+            return None
+    snapshot_kwargs = {
+        name: download_kwargs[name] for name in _DOWNLOAD_KWARGS if download_kwargs.get(name) is not None
+    }
+    return Path(snapshot_download(str(pretrained_model_name_or_path), **snapshot_kwargs))
+
+
+def convert_original_checkpoint(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    audio_encoder_config: Mapping | str | os.PathLike | None = None,
+    named_special_tokens: Mapping[str, str] | None = None,
+    dtype: torch.dtype | str = "auto",
+    **download_kwargs,
+) -> None:
+    """
+    Converts an original OISA checkpoint (`src`: a directory or a Hub repo id) to OISA's format in `dst`: weights with
+    our names (`save_pretrained(save_original_format=False)`), config, a generation config that stops at `<|im_end|>`
+    and the tokenizer, which exposes `named_special_tokens` as attributes (`tokenizer.seg_token_id`; the `oisa convert`
+    command passes `processing_oisa`'s `NAMED_SPECIAL_TOKENS`). `dtype` "auto" keeps the checkpoint's dtype.
+    """
+    from .modeling_oisa import OisaForReferringSegmentation  # modeling_oisa imports this module
+
+    directory = find_original_checkpoint(src, **download_kwargs)
+    if directory is None:
+        raise OisaCheckpointError(
+            f"{src} is not an original OISA checkpoint (config.json with model_type internvl_chat)."
+        )
+    model = OisaForReferringSegmentation.from_pretrained(
+        directory, audio_encoder_config=audio_encoder_config, dtype=dtype
+    )
+    model.save_pretrained(dst, save_original_format=False)
+    tokenizer = load_original_tokenizer(directory, named_special_tokens)
+    tokenizer.save_pretrained(dst)
+    logger.info("Wrote OISA converted from %s to %s.", src, dst)
