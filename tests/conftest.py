@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,3 +55,7 @@ def make_sample(num_frames: int = 3, with_referring_image: bool = True, seed: in
         "segmentation_frame_mask": torch.tensor([True] * num_frames + ([False] if with_referring_image else [])),
         "gt_masks": gt_masks,
     }
+
+
+# ../shared beside the checkout holds the reference outputs of the original code and the real Ref-AVS annotations
+SHARED = Path(__file__).resolve().parents[2] / "shared"

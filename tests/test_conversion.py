@@ -28,10 +28,10 @@ from modeling_oisa.convert_original import (
 )
 from processing_oisa.cli import main as oisa_main
 
-from .conftest import make_sample
+from .conftest import SHARED, make_sample
 
 
-REFERENCE = Path(os.environ.get("OISA_REFERENCE_DIR", "/work/shared/reference"))
+REFERENCE = Path(os.environ.get("OISA_REFERENCE_DIR", SHARED / "reference"))
 TINY_ORIGINAL = REFERENCE / "tiny_original"
 MANIFEST = REFERENCE / "oisa1b_original_state_dict.tsv"
 TINY_TOKEN_IDS = {"image_token_id": 384, "audio_token_id": 393, "seg_token_id": 396, "sub_audio_token_id": 399}
@@ -45,7 +45,6 @@ CHECKPOINT_FILES = (
     "special_tokens_map.json",
 )
 
-pytestmark = pytest.mark.skipif(not TINY_ORIGINAL.is_dir(), reason="reference data not available")
 
 # config.json of OISA-1B as the original writes it (spec/model.md §6.1), reduced to the fields conversion reads
 ORIGINAL_1B_CONFIG = {

@@ -17,12 +17,13 @@ from torch.nn import functional as F
 from modeling_oisa import OisaForReferringSegmentation
 from modeling_oisa.losses import point_mask_losses
 
+from .conftest import SHARED
 
-TINY_ORIGINAL = Path(os.environ.get("OISA_REFERENCE_DIR", "/work/shared/reference")) / "tiny_original"
+
+TINY_ORIGINAL = Path(os.environ.get("OISA_REFERENCE_DIR", SHARED / "reference")) / "tiny_original"
 STATE_TOL = 1e-4
 MASK_TOL = 1e-3
 
-pytestmark = pytest.mark.skipif(not TINY_ORIGINAL.is_dir(), reason="reference data not available")
 
 
 def assert_close(actual, expected, atol, name=""):
@@ -273,3 +274,38 @@ def test_training_mask_losses_at_the_recorded_points(training_output, golden, go
     recorded = golden_json["train_loss_records_train_mode"]
     assert losses["bce"].item() == pytest.approx(recorded["Loss/dice"], abs=MASK_TOL)
     assert losses["dice"].item() == pytest.approx(recorded["Loss/mask"], abs=MASK_TOL)
+
+
+def test_full_inference_call_from_the_wav_files_and_frames(model, golden, golden_json):
+    """(f) Our processor on the two wav files and the frames, then the model's inference path: same prompt, same
+    injected embeddings, same `[SEG]` state (the token before it, release profile), same mask logits and masks."""
+    from transformers import AutoTokenizer
+
+    from processing_oisa import OisaExpression, OisaProcessor, upsample_masks
+    from processing_oisa.processing_oisa import make_feature_extractor, make_image_processor
+
+    processor = OisaProcessor(make_image_processor(224), make_feature_extractor(),
+                              AutoTokenizer.from_pretrained(TINY_ORIGINAL), num_image_tokens=64)
+    frames = golden["frames_uint8"]
+    encoding = processor(list(frames[:3]), OisaExpression(speech=TINY_ORIGINAL / "speech.wav", image=frames[3]),
+                         soundtrack=TINY_ORIGINAL / "soundtrack.wav", frame_modes=[2, 1, 0])
+    assert processor.tokenizer.decode(encoding["input_ids"][0]) == golden_json["eval_query_string"]
+    assert model.config.seg_hidden_state_source == "before_seg"
+    with torch.no_grad():
+        features = model.get_image_features(encoding["pixel_values"])
+        audio = model.get_audio_features(encoding["input_features"], encoding["audio_feature_lengths"])
+        embeds = model.inject_multimodal_embeddings(
+            encoding["input_ids"], model.get_input_embeddings()(encoding["input_ids"]), features.vision_embeds,
+            encoding["image_token_modes"], audio, encoding["audio_token_modes"])
+        assert_close(embeds[0], golden["e2e_inputs_embeds"], STATE_TOL, "e2e_inputs_embeds")
+        answer = torch.tensor([golden_json["forced_answer_ids"]])
+        full = torch.cat([embeds, model.get_input_embeddings()(answer)], dim=1)
+        hidden = model(inputs_embeds=full).last_hidden_state[0]
+        seg_position = embeds.shape[1] + golden_json["forced_answer_ids"].index(model.config.seg_token_id)
+        seg_state = hidden[seg_position - 1][None]
+        assert_close(seg_state, golden["e2e_seg_hidden_state"], STATE_TOL, "e2e_seg_hidden_state")
+        decoded = model.segment_frames(seg_state, features.image_maps)
+    assert_close(decoded.mask_logits, golden["e2e_pred_masks"], MASK_TOL, "e2e_pred_masks")
+    ours = upsample_masks(decoded.mask_logits[0, :3], (224, 224), "binarize_then_upsample")
+    theirs = upsample_masks(torch.from_numpy(golden["e2e_pred_masks"][0, :3]), (224, 224), "binarize_then_upsample")
+    assert torch.equal(ours, theirs)

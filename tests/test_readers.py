@@ -11,11 +11,13 @@ from PIL import Image
 
 from processing_oisa.datasets_omniavs import EXPRESSION_TYPES, OmniAVSReader
 from processing_oisa.datasets_refavs import RefAVSReader, folder_from_uid
+
+from .conftest import SHARED
 from processing_oisa.errors import OisaDataError, resolve_inside
 from processing_oisa.rle import RleError, decode_rle, encode_rle, rle_runs
 
 
-REAL_METADATA = Path("/work/shared/data/refavs")
+REAL_METADATA = SHARED / "data" / "refavs"
 
 
 def _write_wav(path: Path, seconds: float = 0.1, channels: int = 1) -> None:
