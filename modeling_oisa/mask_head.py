@@ -61,12 +61,23 @@ class OisaQueryDecoderLayer(GradientCheckpointingLayer):
         memory_position: torch.Tensor,
         attention_mask: torch.Tensor,
     ) -> torch.Tensor:
-        """query (1, Q, C); memory (HW, Q, C); attention_mask (Q*heads, 1, HW) with True where attention is blocked."""
+        """
+        query, query_position (1, Q, C); memory, memory_position (HW, 1, C), shared by the queries; attention_mask
+        (heads, Q, HW) with True where attention is blocked.
+        """
+        # the queries attend to the same memory and not to each other: as one sequence of Q queries they need one
+        # projection of the memory instead of Q
+        query = query.transpose(0, 1)
         attended = self.cross_attn(
-            query + query_position, memory + memory_position, memory, attn_mask=attention_mask, need_weights=False
+            query + query_position.transpose(0, 1),
+            memory + memory_position,
+            memory,
+            attn_mask=attention_mask,
+            need_weights=False,
         )[0]
         query = self.cross_attn_layer_norm(query + attended)
-        return self.final_layer_norm(query + self.fc2(nn.functional.relu(self.fc1(query))))
+        query = self.final_layer_norm(query + self.fc2(nn.functional.relu(self.fc1(query))))
+        return query.transpose(0, 1)
 
 
 class OisaQueryDecoder(nn.Module):
@@ -153,10 +164,10 @@ class OisaQueryDecoder(nn.Module):
                 level = index % self.num_levels
                 # a query that may attend nowhere attends everywhere instead
                 attention_mask = attention_mask.masked_fill(attention_mask.all(-1, keepdim=True), False)
-                memory = sources[level][:, frame : frame + 1].expand(-1, num_queries, -1)
-                query_content = layer(
-                    query_content, query_position, memory, positions[level], attention_mask
-                )
+                # (Q*heads, 1, HW) -> (heads, Q, HW): the queries as one sequence over the frame's memory
+                attention_mask = attention_mask.view(num_queries, self.num_heads, -1).transpose(0, 1)
+                memory = sources[level][:, frame : frame + 1]
+                query_content = layer(query_content, query_position, memory, positions[level], attention_mask)
                 frame_classes, frame_masks, attention_mask = self.predict(
                     query_content, mask_features[frame], size_list[(index + 1) % self.num_levels]
                 )
