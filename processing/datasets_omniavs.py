@@ -13,22 +13,12 @@ import numpy as np
 from PIL import Image
 
 from .errors import OisaDataError, resolve_inside
+from .prompts import EXPRESSION_TYPES
 from .rle import RleError, decode_rle, rle_runs
 
 
 DATASET_NAME = "omniavs"
 SPLITS = ("train", "test")
-# The evaluation order of the 8 sub-splits (`evaluate.py --datasets all`).
-EXPRESSION_TYPES = (
-    "text",
-    "speech",
-    "text_sound",
-    "speech_sound",
-    "text_image",
-    "speech_image",
-    "text_sound_image",
-    "speech_sound_image",
-)
 
 
 def referring_modalities(expr_type: str) -> tuple[bool, bool, bool]:

@@ -19,6 +19,7 @@ HERMES_2_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# the 8 OmniAVS expression types, in the order of the paper's splits I to VIII (`evaluate.py --datasets all`)
 EXPRESSION_TYPES = (
     "text",
     "speech",
