@@ -22,7 +22,7 @@ class OisaSegmentation:
     """
     The result for one expression: the answer text (special tokens dropped), its explanation ("" when none), one
     boolean mask (height, width) per frame at the frame's own size, the per-frame probability that the object is
-    present, and the frame times in seconds.
+    present, the frame times in seconds and, when asked for, per-frame foreground probabilities (T, H, W).
     """
 
     expression_type: str
@@ -32,6 +32,7 @@ class OisaSegmentation:
     masks: np.ndarray
     presence_scores: np.ndarray
     timestamps: list[float] = field(default_factory=list)
+    probabilities: np.ndarray | None = None
 
     @property
     def mask_areas(self) -> list[int]:
@@ -50,6 +51,14 @@ def upsample_masks(mask_logits: torch.Tensor, size: tuple[int, int], mode: str) 
         flat = (flat > 0).float()
     upsampled = F.interpolate(flat, size=size, mode="bilinear", align_corners=False)
     return (upsampled > 0).reshape(*leading, *size)
+
+
+def upsample_probabilities(mask_logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Mask logits (..., h, w) -> foreground probabilities at `size`: logits upsampled bilinearly, then a sigmoid."""
+    leading = mask_logits.shape[:-2]
+    flat = mask_logits.reshape(-1, 1, *mask_logits.shape[-2:]).float()
+    upsampled = F.interpolate(flat, size=size, mode="bilinear", align_corners=False)
+    return upsampled.sigmoid().reshape(*leading, *size)
 
 
 class OisaVideoSegmenter:
@@ -85,10 +94,13 @@ class OisaVideoSegmenter:
         expressions: OisaExpression | Sequence[OisaExpression],
         soundtrack: AudioInput | None = None,
         progress: Callable[[int, int], None] | None = None,
+        return_probabilities: bool = False,
     ) -> OisaSegmentation | list[OisaSegmentation]:
         """
         video: a video file or a folder of frames; soundtrack: a separate audio file or waveform (by default the
         video's own; silence, with a warning, when it has none). `progress(done, total)` is called per chunk.
+        `return_probabilities` also returns per-frame foreground probabilities at the frame size (Ref-AVS's metrics
+        need scores, not masks).
         """
         single = isinstance(expressions, OisaExpression)
         expressions = [expressions] if single else list(expressions)
@@ -126,14 +138,21 @@ class OisaVideoSegmenter:
             ]
             seg_states = [state for _, state in answers if state is not None]
             if seg_states:
-                mask_logits, class_logits = self._segment(reader, torch.cat(seg_states), cached_maps, progress)
+                mask_logits, class_logits, probabilities = self._segment(
+                    reader, torch.cat(seg_states), cached_maps, progress, return_probabilities
+                )
             results, next_query = [], 0
             for expression, (parsed, state) in zip(expressions, answers):
                 size = (info.num_frames, info.height, info.width)
+                frame_probabilities = None
                 if state is None:
                     masks, presence = np.zeros(size, dtype=bool), np.zeros(info.num_frames, dtype=np.float32)
+                    if return_probabilities:
+                        frame_probabilities = np.zeros(size, dtype=np.float32)
                 else:
                     masks, presence = mask_logits[next_query], class_logits[next_query].softmax(-1)[:, 0].numpy()
+                    if return_probabilities:
+                        frame_probabilities = probabilities[next_query]
                     next_query += 1
                 results.append(
                     OisaSegmentation(
@@ -144,6 +163,7 @@ class OisaVideoSegmenter:
                         masks=masks,
                         presence_scores=presence,
                         timestamps=list(info.timestamps),
+                        probabilities=frame_probabilities,
                     )
                 )
         return results[0] if single else results
@@ -187,12 +207,13 @@ class OisaVideoSegmenter:
             seg_position -= 1
         return parsed, hidden[seg_position][None]
 
-    def _segment(self, reader: VideoReader, seg_states: torch.Tensor, cached_maps, progress):
+    def _segment(self, reader: VideoReader, seg_states: torch.Tensor, cached_maps, progress, return_probabilities):
         """Mask head over every frame in chunks, the queries of all expressions carried together."""
         model, config = self.model, self.model.config
         info = reader.info
         query_position, query_content = model.mask_head.query_decoder.initial_queries(seg_states)
         masks = np.zeros((seg_states.shape[0], info.num_frames, info.height, info.width), dtype=bool)
+        probabilities = np.zeros(masks.shape, dtype=np.float32) if return_probabilities else None
         class_logits = torch.zeros(seg_states.shape[0], info.num_frames, 2)
         chunk, start = [], 0
         frame_source = ((index, None) for index in range(info.num_frames)) if cached_maps is not None else reader.iter_frames()
@@ -208,13 +229,19 @@ class OisaVideoSegmenter:
             decoded = model.mask_head.query_decoder(query_content, query_position, mask_features, multi_scale)
             query_content = decoded.query_content
             chunk_masks = upsample_masks(decoded.mask_logits, (info.height, info.width), config.mask_upsampling)
+            if return_probabilities:
+                chunk_probabilities = upsample_probabilities(decoded.mask_logits, (info.height, info.width))
             if config.use_presence_gating:
                 absent = decoded.class_logits.softmax(-1)[..., 1] > 0.5
                 chunk_masks[absent] = False
+                if return_probabilities:
+                    chunk_probabilities[absent] = 0.0
             masks[:, start : start + len(chunk)] = chunk_masks.cpu().numpy()
+            if return_probabilities:
+                probabilities[:, start : start + len(chunk)] = chunk_probabilities.cpu().numpy()
             class_logits[:, start : start + len(chunk)] = decoded.class_logits.float().cpu()
             start += len(chunk)
             chunk = []
             if progress is not None:
                 progress(start, info.num_frames)
-        return masks, class_logits
+        return masks, class_logits, probabilities

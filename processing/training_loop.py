@@ -136,6 +136,13 @@ def train(
         cpu=cpu,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        # otherwise every process would take itself for the only one and train on the same data
+        raise RuntimeError(
+            f"Launched as {launched} processes but Accelerate sees {accelerator.num_processes}; on a machine without "
+            "GPUs launch with `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N train.py --cpu`."
+        )
     set_seed(config.seed)
     processor = AutoProcessor.from_pretrained(model_path)
     model = AutoModel.from_pretrained(model_path, dtype=torch.float32)
@@ -241,9 +248,9 @@ def train(
         if step >= total_steps:
             break
     progress.close()
-    accelerator.end_training()
 
     final_dir = output_dir / ("final-merged" if merge else "final")
+    total_bad_samples = int(accelerator.reduce(torch.tensor(bad_samples, device=accelerator.device), reduction="sum"))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         trained = accelerator.unwrap_model(model)
@@ -252,10 +259,19 @@ def train(
         trained.save_pretrained(final_dir)
         processor.save_pretrained(final_dir)
         (final_dir / STATE_FILE).write_text(
-            json.dumps({"step": step, "bad_samples": bad_samples, "log_history": loss_history}, indent=1)
+            json.dumps(
+                {
+                    "step": step,
+                    "num_processes": accelerator.num_processes,
+                    "bad_samples": total_bad_samples,
+                    "log_history": loss_history,
+                },
+                indent=1,
+            )
         )
         if push_to_hub:
             trained.push_to_hub(push_to_hub)
             processor.push_to_hub(push_to_hub)
     accelerator.wait_for_everyone()
+    accelerator.end_training()
     return final_dir

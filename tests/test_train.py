@@ -51,11 +51,13 @@ def run_train(workspace, output, *extra, processes=1, batch=None, background=Fal
         values["per_device_batch_size"] = batch
         config = workspace / f"stage_batch{batch}.json"
         config.write_text(json.dumps(values))
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes),
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    # accelerate's `--cpu` launcher starts a single process: several CPU processes need `--multi_gpu` (torchrun, gloo)
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu" if processes > 1 else "--cpu",
+                "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
+                "--dynamo_backend", "no"]
     command = launcher + [str(REPO / "train.py"), "--config", str(config), "--model", str(workspace / "tiny"),
                           "--output-dir", str(output), "--data", f"omniavs={workspace / 'omniavs'}", "--cpu", *extra]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     if background:
         return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
@@ -157,6 +159,7 @@ def _final_state(output):
 def test_two_processes_match_one_with_the_doubled_batch(workspace, tmp_path):
     one = run_train(workspace, tmp_path / "one", "--max-steps", "2", batch=2)
     two = run_train(workspace, tmp_path / "two", "--max-steps", "2", processes=2, batch=1)
+    assert one["num_processes"] == 1 and two["num_processes"] == 2
     first, second = one["log_history"][0], two["log_history"][0]
     # the same two samples: one process averages tokens over both, two processes average their two means
     assert abs(first["loss/loss"] - second["loss/loss"]) < 0.05 * first["loss/loss"]

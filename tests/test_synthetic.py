@@ -1,0 +1,128 @@
+"""The synthetic dataset generator: deterministic, readable by both readers, every expression type and null kind."""
+
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from processing_oisa.cli import main as oisa_main
+from processing_oisa.datasets_omniavs import EXPRESSION_TYPES, OmniAVSReader
+from processing_oisa.datasets_refavs import RefAVSReader
+from processing_oisa.media import decode_audio
+from processing_oisa.synthetic import SCENE_SHAPES, make_scene
+from processing_oisa.synthetic_dataset import MissingProgramError, make_synthetic_dataset
+
+
+SMALL = {"num_frames": 4, "height": 48, "width": 64}
+needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+@pytest.fixture(scope="module")
+def omniavs_root(tmp_path_factory) -> Path:
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed")
+    root = tmp_path_factory.mktemp("omniavs") / "data"
+    make_synthetic_dataset(root, "omniavs", num_videos=4, seed=1, **SMALL)
+    return root
+
+
+@pytest.fixture(scope="module")
+def refavs_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("refavs") / "data"
+    make_synthetic_dataset(root, "refavs", num_videos=4, seed=1, **SMALL)
+    return root
+
+
+@needs_espeak
+def test_same_seed_same_bytes_other_seed_other_annotations(tmp_path, omniavs_root, refavs_root):
+    make_synthetic_dataset(tmp_path / "o", "omniavs", num_videos=4, seed=1, **SMALL)
+    make_synthetic_dataset(tmp_path / "r", "refavs", num_videos=4, seed=1, **SMALL)
+    assert _tree(tmp_path / "o") == _tree(omniavs_root)
+    assert _tree(tmp_path / "r") == _tree(refavs_root)
+    make_synthetic_dataset(tmp_path / "o2", "omniavs", num_videos=4, seed=2, **SMALL)
+    assert (tmp_path / "o2" / "meta_expressions_test.jsonl").read_bytes() != (
+        omniavs_root / "meta_expressions_test.jsonl"
+    ).read_bytes()
+
+
+def test_omniavs_covers_every_type_and_every_null_kind(omniavs_root):
+    test, train = OmniAVSReader(omniavs_root, "test"), OmniAVSReader(omniavs_root, "train")
+    assert len(test) == 30 and len(train) == 10  # 8 types + 2 nulls per video; video 3 is a training video
+    records = [*test, *train]
+    assert set(Counter(record.expr_type for record in records)) == set(EXPRESSION_TYPES)
+    nulls = [record for record in records if record.is_null]
+    assert {record.expr_type for record in nulls} == set(EXPRESSION_TYPES)
+    texts = {record.text for record in nulls}
+    # an absent colour or shape, a sound nobody makes, an unseen look, the sounding shape of a silent clip
+    assert "the shape that is making a sound" in texts
+    assert {"the shape making the sound <audio>", "the shape that looks like <image>"} <= texts
+    assert any(len(record.object_ids) == 2 for record in records)
+    assert any(record.explanation for record in records) and any(not record.explanation for record in records)
+    for record in records:
+        masks = record.gt_masks()
+        assert masks.shape == (4, 48, 64)
+        if record.is_null:
+            assert not masks.any()
+        else:
+            assert masks.any(axis=(1, 2)).all()  # a referred shape is visible in every frame
+
+
+def test_omniavs_media_decode(omniavs_root):
+    silent = OmniAVSReader(omniavs_root, "test", expr_types=["speech_sound_image"])
+    for record in silent:
+        soundtrack = decode_audio(record.soundtrack_path)
+        assert soundtrack.size > 0
+        # video 1 is the silent one
+        assert (np.abs(soundtrack).max() < 1e-3) == (record.video_id == "video0001")
+        assert decode_audio(record.referring_speech_path).size > 1600
+        assert np.abs(decode_audio(record.referring_sound_path)).max() > 0.1
+        assert Image.open(record.referring_image_path).mode == "RGB"
+
+
+def test_refavs_splits_nulls_and_unseen_class(refavs_root):
+    readers = {split: RefAVSReader(refavs_root, split) for split in ("test_s", "test_u", "test_n", "train", "val")}
+    assert {split: len(reader) for split, reader in readers.items()} == {
+        "test_s": 6, "test_u": 6, "test_n": 2, "train": 8, "val": 8,
+    }
+    assert all(record.is_null for record in readers["test_n"])
+    assert any("diamond" in record.uid for record in readers["test_u"])
+    assert not any("diamond" in record.uid for split in ("test_s", "train", "val") for record in readers[split])
+    null_folders = {record.folder for reader in readers.values() for record in reader if record.is_null}
+    # muted folders come without masks, hum folders with all-zero ones: the reader takes both
+    assert {folder.split("-")[0] for folder in null_folders} == {"null_m", "null_c"}
+    for reader in readers.values():
+        for record in reader:
+            masks = record.gt_masks()
+            assert masks.shape == (4, 48, 64)
+            assert masks.any(axis=(1, 2)).all() != record.is_null
+            assert decode_audio(record.audio_path).size > 0
+
+
+def test_scene_keeps_every_shape_visible():
+    clip = make_scene(SCENE_SHAPES, ["red", "green", "blue", "yellow"], "diamond", np.random.default_rng(0))
+    assert clip.sounding == "diamond" and clip.frames.shape == (8, 96, 128, 3)
+    for mask in clip.masks.values():
+        assert mask.any(axis=(1, 2)).all()
+    with pytest.raises(ValueError, match="not one of the scene's shapes"):
+        make_scene(["circle"], ["red"], "square", np.random.default_rng(0))
+
+
+def test_missing_espeak_is_named_and_nothing_is_written(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(MissingProgramError, match="espeak-ng"):
+        make_synthetic_dataset(tmp_path / "out", "omniavs", num_videos=1)
+    assert not (tmp_path / "out").exists()
+
+
+def test_command_line(tmp_path, caplog):
+    assert oisa_main(["make-synthetic", str(tmp_path / "r"), "--format", "refavs", "--videos", "1", "--seed", "3"]) == 0
+    assert len(RefAVSReader(tmp_path / "r", "test_s")) == 6
+    assert oisa_main(["make-synthetic", str(tmp_path / "r"), "--format", "refavs", "--videos", "1"]) == 2
+    assert "is not empty" in caplog.text
