@@ -7,6 +7,13 @@ from torch import nn
 from transformers.models.mask2former.modeling_mask2former import multi_scale_deformable_attention
 
 
+# the compiled kernels are optional: these files also run as flat Hub remote code, where the package may be absent
+try:
+    import oisa_kernels
+except ImportError:
+    oisa_kernels = None
+
+
 class OisaMultiscaleDeformableAttention(nn.Module):
     """
     Deformable attention of Deformable DETR with a value width of `int(embed_dim * ratio)` (the ViT-Adapter uses 0.25,
@@ -91,9 +98,14 @@ class OisaMultiscaleDeformableAttention(nn.Module):
             reference_points[:, :, None, :, None, :]
             + sampling_offsets / offset_normalizer[None, None, None, :, None, :]
         )
-        output = multi_scale_deformable_attention(
-            value, spatial_shapes_list, sampling_locations.to(value.dtype), attention_weights.to(value.dtype)
-        )
+        if oisa_kernels is not None:
+            output = oisa_kernels.ms_deform_attn(
+                value, spatial_shapes_list, None, sampling_locations.to(value.dtype), attention_weights.to(value.dtype)
+            )
+        else:
+            output = multi_scale_deformable_attention(
+                value, spatial_shapes_list, sampling_locations.to(value.dtype), attention_weights.to(value.dtype)
+            )
         return self.output_proj(output), attention_weights
 
 
