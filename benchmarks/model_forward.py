@@ -8,52 +8,12 @@ Prints, per stage, the time, its share of the whole forward and the peak memory 
 """
 
 import argparse
-import threading
 import time
 
 import torch
 
 from modeling_oisa import OisaConfig, OisaForReferringSegmentation, audio_token_counts
-
-
-class PeakMemory:
-    """Peak resident memory of this process (CPU, sampled) or peak allocated memory (CUDA) while it is open."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.peak = 0
-        self._running = False
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * 4096
-
-    def _sample(self) -> None:
-        while self._running:
-            self.peak = max(self.peak, self._rss())
-            time.sleep(0.005)
-
-    def __enter__(self) -> "PeakMemory":
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            self._running = True
-            self.peak = self._rss()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated()
-        else:
-            self._running = False
-            self._thread.join()
-        self.seconds = time.perf_counter() - self.start
+from peak_memory import PeakMemory
 
 
 def build_prompt(config: OisaConfig, modes: torch.Tensor, audio_tokens: int) -> torch.Tensor:

@@ -12,9 +12,7 @@ CPU, `torch.cuda.max_memory_allocated` on GPU).
 
 import argparse
 import ctypes
-import gc
 import statistics
-import threading
 import time
 from collections.abc import Callable
 
@@ -22,6 +20,7 @@ import torch
 from transformers.models.mask2former.modeling_mask2former import multi_scale_deformable_attention
 
 import oisa_kernels
+from peak_memory import PeakMemory
 
 
 SHAPES = {
@@ -30,47 +29,6 @@ SHAPES = {
 }
 QUERY_LEVELS = [(14, 14), (28, 28), (56, 56)]  # 4116 queries, the multi-scale positions of a 448x448 frame
 POINTS = 4
-
-
-class PeakMemory:
-    """Peak memory above the level at entry while open: sampled process RSS on CPU, allocator peak on CUDA."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.peak = 0
-        self._running = False
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * 4096
-
-    def _sample(self) -> None:
-        while self._running:
-            self.peak = max(self.peak, self._rss() - self._start)
-            time.sleep(0.001)
-
-    def __enter__(self) -> "PeakMemory":
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self._start = torch.cuda.memory_allocated()
-        else:
-            self._start = self._rss()
-            self._running = True
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - self._start
-        else:
-            self._running = False
-            self._thread.join()
-            self.peak = max(self.peak, self._rss() - self._start)
 
 
 def return_freed_memory_to_the_os() -> None:
@@ -134,7 +92,7 @@ def peak_memory(run: Callable[[], None], device: torch.device) -> int:
     run()
     with PeakMemory(device) as memory:
         run()
-    return memory.peak
+    return memory.peak_above_start
 
 
 def main() -> None:
