@@ -5,9 +5,11 @@ Prints, per stage, the time, its share of the whole forward and the peak memory 
 
     python benchmarks/model_forward.py                 # fp32 on CPU
     python benchmarks/model_forward.py --device cuda   # bf16 on a GPU
+    python benchmarks/model_forward.py --compare-msda  # also the PyTorch deformable attention, as a baseline
 """
 
 import argparse
+import os
 import time
 
 import torch
@@ -36,6 +38,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--frames", type=int, default=10)
     parser.add_argument("--audio-seconds", type=float, default=10.0)
+    parser.add_argument("--compare-msda", action="store_true", help="rerun vision and mask head with the PyTorch MSDA")
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -84,6 +87,20 @@ def main() -> None:
     for name, measured in stages.items():
         print(f"{name:36s} {measured.seconds:8.2f} {measured.seconds / whole.seconds:7.1%} {measured.peak / 2**30:9.2f}")
     print(f"{'whole forward':36s} {whole.seconds:8.2f} {1:7.1%} {whole.peak / 2**30:9.2f}")
+
+    if args.compare_msda:
+        # the same deformable-attention stages through transformers' grid_sample path, in this process
+        os.environ["OISA_MSDA_BACKEND"] = "torch"
+        with torch.no_grad():
+            with PeakMemory(device) as vision_torch:
+                maps = model.get_image_features(pixel_values).image_maps
+            with PeakMemory(device) as mask_torch:
+                model.segment_frames(hidden[0, -1:], maps)
+        print(f"deformable attention through PyTorch (OISA_MSDA_BACKEND=torch): vision {vision_torch.seconds:.2f} s "
+              f"({vision_torch.seconds / stages['vision (InternViT + adapter)'].seconds:.2f}x the compiled op), "
+              f"mask head {mask_torch.seconds:.2f} s "
+              f"({mask_torch.seconds / stages[f'mask head ({args.frames} frames)'].seconds:.2f}x), peak "
+              f"{max(vision_torch.peak, mask_torch.peak) / 2**30:.2f} GiB")
 
 
 if __name__ == "__main__":
