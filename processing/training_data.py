@@ -29,6 +29,36 @@ def sample_training_frames(num_frames: int, count: int, sampler: str) -> list[in
     return FRAME_SAMPLERS["release"](num_frames, count)
 
 
+def _video_sample(
+    processor: OisaProcessor,
+    frame_paths: Sequence,
+    expression: OisaExpression,
+    soundtrack,
+    answer: str,
+    frame_masks: Callable[[list[int]], np.ndarray] | None,
+    num_frames: int,
+    num_dense_frames: int,
+    sampler: str,
+) -> dict[str, torch.Tensor]:
+    """Sampled frames (dense / pooled), the prompt with its answer, and one GT mask per frame (none without `[SEG]`)."""
+    indices = sample_training_frames(len(frame_paths), num_frames, sampler)
+    dense_positions = set(FRAME_SAMPLERS[sampler](len(indices), min(num_dense_frames, len(indices))))
+    modes = [2 if position in dense_positions else 1 for position in range(len(indices))]
+    frames = [load_image(frame_paths[index], "Frame") for index in indices]
+    encoding = processor(frames, expression, soundtrack=soundtrack, frame_modes=modes, answer=answer)
+    sample = {key: value[0] if key in ("input_ids", "attention_mask", "labels") else value for key, value in encoding.items()}
+
+    size = processor.image_processor.size["height"]
+    if frame_masks is None:
+        sample["gt_masks"] = torch.zeros(0, size, size)
+    else:
+        masks = torch.from_numpy(frame_masks(indices)).float()[:, None]
+        # nearest resize to the model's square input, as the original does
+        sample["gt_masks"] = F.interpolate(masks, size=(size, size), mode="nearest")[:, 0]
+    sample["gt_mask_valid"] = torch.ones(sample["gt_masks"].shape[0], dtype=torch.bool)
+    return sample
+
+
 def build_omniavs_sample(
     record,
     processor: OisaProcessor,
@@ -41,12 +71,6 @@ def build_omniavs_sample(
     frames (dense / pooled), the referring media, the prompt with its target answer, and one GT mask per frame at
     the model's input size. Null expressions answer without `[SEG]` and carry no masks.
     """
-    sampler = "release" if profile == "release" else "linspace"
-    indices = sample_training_frames(record.num_frames, num_frames, sampler)
-    dense_positions = set(FRAME_SAMPLERS[sampler](len(indices), min(num_dense_frames, len(indices))))
-    modes = [2 if position in dense_positions else 1 for position in range(len(indices))]
-    frames = [load_image(record.frame_paths[index], "Frame") for index in indices]
-
     has_speech = record.referring_speech_path is not None
     explain = bool(record.explanation) and (profile != "release" or has_speech)  # B10: release text types never ask
     expression = OisaExpression(
@@ -57,18 +81,47 @@ def build_omniavs_sample(
         explain=explain,
     )
     answer = target_answer(record.is_null, record.explanation, release_double_period=profile == "release")
-    encoding = processor(frames, expression, soundtrack=record.soundtrack_path, frame_modes=modes, answer=answer)
-    sample = {key: value[0] if key in ("input_ids", "attention_mask", "labels") else value for key, value in encoding.items()}
+    return _video_sample(
+        processor,
+        record.frame_paths,
+        expression,
+        record.soundtrack_path,
+        answer,
+        None if record.is_null else record.gt_masks,
+        num_frames,
+        num_dense_frames,
+        "release" if profile == "release" else "linspace",
+    )
 
-    size = processor.image_processor.size["height"]
-    if record.is_null:
-        sample["gt_masks"] = torch.zeros(0, size, size)
-    else:
-        masks = torch.from_numpy(record.gt_masks(indices)).float()[:, None]
-        # nearest resize to the model's square input, as the original does
-        sample["gt_masks"] = F.interpolate(masks, size=(size, size), mode="nearest")[:, 0]
-    sample["gt_mask_valid"] = torch.ones(sample["gt_masks"].shape[0], dtype=torch.bool)
-    return sample
+
+def build_refavs_sample(
+    record,
+    processor: OisaProcessor,
+    num_frames: int = 10,
+    num_dense_frames: int = 4,
+    profile: str = "release",
+) -> dict[str, torch.Tensor]:
+    """
+    One training sample from a Ref-AVS record (`processing_oisa.datasets_refavs.RefAVSRecord`), prompted as an
+    OmniAVS text expression over the clip and its audio. Null rows (from the uid, B20 fixed) answer without `[SEG]`.
+    """
+    frame_paths = record.frame_paths()
+    answer = target_answer(record.is_null, None, release_double_period=profile == "release")
+
+    def frame_masks(indices: list[int]) -> np.ndarray:
+        return record.gt_masks()[indices]
+
+    return _video_sample(
+        processor,
+        frame_paths,
+        OisaExpression(text=record.text),
+        record.audio_path,
+        answer,
+        None if record.is_null else frame_masks,
+        num_frames,
+        num_dense_frames,
+        "release" if profile == "release" else "linspace",
+    )
 
 
 class OisaTrainingCollator:

@@ -19,12 +19,14 @@ from transformers import AutoModel, AutoProcessor, get_scheduler
 from modeling_oisa import TrainingSetup, apply_training_setup, merge_training_setup
 
 from .datasets_omniavs import OmniAVSReader
+from .datasets_refavs import RefAVSReader
 from .tokenization_oisa import OISA_SPECIAL_TOKENS
 from .training_data import (
     MixtureSource,
     OisaTrainingCollator,
     SampleBuilder,
     build_omniavs_sample,
+    build_refavs_sample,
     build_training_stream,
 )
 
@@ -32,6 +34,12 @@ from .training_data import (
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
+
+# the dataset formats that train: their reader and how one of its records becomes a sample
+SAMPLE_BUILDERS = {
+    "omniavs": (OmniAVSReader, build_omniavs_sample),
+    "refavs": (RefAVSReader, build_refavs_sample),
+}
 
 
 @dataclass
@@ -82,15 +90,16 @@ def build_sources(config: StageConfig, data_roots: dict[str, str], processor, pr
         name, data_format = entry["name"], entry["format"]
         if name not in data_roots:
             raise ValueError(f"The mixture needs `--data {name}=ROOT` (format {data_format}).")
-        if data_format != "omniavs":
+        if data_format not in SAMPLE_BUILDERS:
             raise ValueError(
-                f"Source {name!r} has format {data_format!r}, which has no training reader yet; "
-                "only OmniAVS-format data trains for now."
+                f"Source {name!r} has format {data_format!r}, which has no training reader yet; the formats that "
+                f"train are {sorted(SAMPLE_BUILDERS)}."
             )
-        records = OmniAVSReader(data_roots[name], split=entry.get("split", "train"))
+        reader, build_sample = SAMPLE_BUILDERS[data_format]
+        records = reader(data_roots[name], split=entry.get("split", "train"))
 
-        def build(record, processor=processor):
-            return build_omniavs_sample(record, processor, config.num_frames, config.num_dense_frames, profile)
+        def build(record, build_sample=build_sample):
+            return build_sample(record, processor, config.num_frames, config.num_dense_frames, profile)
 
         sources.append(MixtureSource(name=name, records=records, build_sample=build, weight=entry.get("weight")))
     return sources

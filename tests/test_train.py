@@ -174,3 +174,24 @@ def test_a_malformed_sample_is_reported_not_fatal(workspace, tmp_path):
     (tmp_path / "omniavs").symlink_to(broken)
     state = run_train(tmp_path, tmp_path / "out", "--max-steps", "4")
     assert state["bad_samples"] > 0 and state["step"] == 4
+
+
+def test_refavs_training_samples(workspace, tmp_path):
+    from processing_oisa.datasets_refavs import RefAVSReader
+    from processing_oisa.synthetic_dataset import make_synthetic_dataset
+    from processing_oisa.training_data import build_refavs_sample
+
+    make_synthetic_dataset(tmp_path / "refavs", "refavs", num_videos=3, seed=1)
+    processor = AutoProcessor.from_pretrained(workspace / "tiny")
+    records = RefAVSReader(tmp_path / "refavs", split="train")
+    positive = next(record for record in records if not record.is_null)
+    sample = build_refavs_sample(positive, processor, num_frames=4, num_dense_frames=2)
+    assert sample["pixel_values"].shape[0] == 4 and sample["gt_masks"].shape == (4, 224, 224)
+    assert processor.tokenizer.decode(sample["input_ids"][sample["labels"] != -100]) == "Sure, it is [SEG].<|im_end|>"
+    assert positive.text in processor.tokenizer.decode(sample["input_ids"])
+    null_records = [record for split in ("train", "test_n") for record in RefAVSReader(tmp_path / "refavs", split=split)
+                    if record.is_null]
+    null = build_refavs_sample(null_records[0], processor, num_frames=4, num_dense_frames=2)
+    assert null["gt_masks"].shape[0] == 0
+    assert processor.tokenizer.decode(null["input_ids"][null["labels"] != -100]) == (
+        "No target matches this expression.<|im_end|>")
