@@ -5,7 +5,8 @@ Evaluates OISA on OmniAVS or Ref-AVS, sharded across processes with Accelerate, 
 
 Each process appends one JSON line per expression to OUT/results-<rank>.jsonl as soon as it is scored; running the
 same command again skips what is done. The main process then writes OUT/metrics.json and OUT/results.md and prints
-the table.
+the table; with `--card DIR` it also writes DIR/README.md, a model card holding these results (`--card-template`
+oisa-1b, oisa-tiny-synthetic or fine-tune, the default; `--card-field NAME=VALUE` for the template's fields).
 
 Several processes on a machine without GPUs (Accelerate's `--cpu` launcher starts a single process unless mpirun is
 set up, huggingface/accelerate#2741; this goes through torchrun and gloo instead):
@@ -16,12 +17,16 @@ set up, huggingface/accelerate#2741; this goes through torchrun and gloo instead
 import argparse
 import logging
 import os
-from datetime import timedelta
+import platform
+from datetime import date, timedelta
 from pathlib import Path
+from typing import Any
 
+import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 from tqdm.auto import tqdm
+from transformers import AutoConfig
 
 from processing_oisa.eval_report import compute_metrics, write_report
 from processing_oisa.eval_results import ResultWriter, check_output, claim_output, read_results, results_path
@@ -36,6 +41,7 @@ from processing_oisa.evaluation import (
     shard,
     video_groups,
 )
+from processing_oisa.model_card import TEMPLATES, parse_card_fields, render_model_card
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,7 +55,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-bad", action="store_true", help="skip (and count) records the readers reject")
     parser.add_argument("--max-new-tokens", type=int, default=100, help="answer length, as evaluate.py")
     parser.add_argument("--limit", type=int, help="evaluate only the first N expressions")
+    parser.add_argument(
+        "--card", type=Path, metavar="DIR", help="also write DIR/README.md, a model card with the results"
+    )
+    parser.add_argument(
+        "--card-template", default="fine-tune", help=f"the card's template: {', '.join(TEMPLATES)} or a template file"
+    )
+    parser.add_argument(
+        "--card-field", action="append", default=[], metavar="NAME=VALUE", help="a template field, VALUE read as YAML"
+    )
     return parser.parse_args(argv)
+
+
+def card_fields(args: argparse.Namespace, splits: list[str]) -> dict[str, Any]:
+    """The card fields this run knows before it evaluates; `--card-field` overrides them."""
+    model_name = Path(args.model).name
+    fields: dict[str, Any] = {
+        # a local folder's path means nothing on the Hub: `--card-field repo_id=owner/name` names the published repo
+        "repo_id": model_name if Path(args.model).exists() else args.model,
+        "model_name": model_name,
+        # the checkpoint's own config: `--profile` changes only how this run behaves
+        "config": AutoConfig.from_pretrained(args.model).to_dict(),
+        "eval_split": ", ".join(splits),
+    }
+    if args.limit is not None:
+        fields["eval_note"] = f"only the first {args.limit} expressions, --limit"
+    return {**fields, **parse_card_fields(args.card_field)}
+
+
+def hardware(accelerator: Accelerator) -> str:
+    """The processes and the device each ran on, for the card."""
+    if accelerator.device.type == "cuda":
+        device = torch.cuda.get_device_name(accelerator.device)
+    else:
+        device = f"CPU ({platform.processor() or platform.machine()})"
+    return f"{accelerator.num_processes} process(es), each on {device}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -65,6 +105,11 @@ def main(argv: list[str] | None = None) -> None:
             "machine without GPUs, set ACCELERATE_USE_CPU=1 (see the docstring)"
         )
     splits = args.splits or DEFAULT_SPLITS[args.dataset]
+    fields: dict[str, Any] = {}
+    if args.card is not None:
+        fields = card_fields(args, list(splits))
+        # a bad template or a missing field fails now rather than after the evaluation
+        render_model_card(args.card_template, None, **fields)
     tasks = load_tasks(args.dataset, args.data_root, splits, skip_bad=args.skip_bad, limit=args.limit)
     segmenter = load_segmenter(args.model, accelerator.device, profile=args.profile, max_new_tokens=args.max_new_tokens)
     identity = run_identity(args.model, args.dataset, args.data_root, segmenter)
@@ -94,6 +139,12 @@ def main(argv: list[str] | None = None) -> None:
         metrics = compute_metrics(tasks, read_results(args.out), identity)
         label = f"{Path(args.model).name} ({segmenter.model.config.profile})"
         print(write_report(args.out, metrics, label))
+        if args.card is not None:
+            run_fields = {"eval_date": date.today().isoformat(), "eval_hardware": hardware(accelerator)}
+            card = render_model_card(args.card_template, metrics, **{**run_fields, **fields})
+            args.card.mkdir(parents=True, exist_ok=True)
+            card.save(args.card / "README.md")
+            print(f"model card: {args.card / 'README.md'}")
     accelerator.end_training()
 
 

@@ -112,14 +112,28 @@ def segment_video(args: argparse.Namespace) -> None:
 
 
 def convert_original(src: str, dst: Path, audio_encoder_config: Path | None, dtype: str) -> None:
-    """Converts an original OISA checkpoint (directory or Hub repo id) to OISA's format, tokenizer included."""
+    """Converts an original OISA checkpoint (directory or Hub repo id) to OISA's format, with its processor."""
     from modeling_oisa import convert_original_checkpoint
 
     from .tokenization_oisa import NAMED_SPECIAL_TOKENS
 
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .processing_oisa import OisaProcessor, make_feature_extractor, make_image_processor
+
     convert_original_checkpoint(
         src, dst, audio_encoder_config=audio_encoder_config, named_special_tokens=NAMED_SPECIAL_TOKENS, dtype=dtype
     )
+    config = AutoConfig.from_pretrained(dst)
+    processor = OisaProcessor(
+        make_image_processor(config.image_size),
+        make_feature_extractor(),
+        AutoTokenizer.from_pretrained(dst),
+        num_image_tokens=config.num_image_tokens,
+        frame_sampler=config.frame_sampler,
+        sub_audio_layout=config.sub_audio_layout,
+    )
+    processor.save_pretrained(dst)
     logger.info("converted %s to %s", src, dst)
 
 
@@ -171,6 +185,28 @@ def make_synthetic(out: Path, dataset_format: str, num_videos: int, seed: int) -
     return 0
 
 
+def push_checkpoint(args: argparse.Namespace) -> int:
+    """`oisa push`: publishes a checkpoint with its remote code and a model card; 2 when it cannot."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from .model_card import ModelCardError, parse_card_fields
+    from .publish import PublishError, publish_checkpoint
+
+    try:
+        publish_checkpoint(
+            args.model_dir,
+            args.repo_id,
+            template=args.card_template,
+            metrics_path=args.metrics,
+            private=args.private,
+            **parse_card_fields(args.card_field),
+        )
+    except (ModelCardError, PublishError, HfHubHTTPError) as error:
+        logger.error("oisa push: %s", error)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oisa", description="OISA: omnimodal referring audio-visual segmentation.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -213,6 +249,28 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--videos", type=int, default=10, help="number of videos")
     synthetic.add_argument("--seed", type=int, default=0, help="the same seed writes the same dataset")
 
+    push = commands.add_parser(
+        "push", help="publish a checkpoint to the Hugging Face Hub with its remote code and a model card"
+    )
+    push.add_argument("model_dir", type=Path, help="the checkpoint folder (save_pretrained, oisa convert, train.py)")
+    push.add_argument("repo_id", help="the model repo to create or update, owner/name")
+    push.add_argument(
+        "--private", action="store_true", help="create the repo private (an existing one keeps its visibility)"
+    )
+    push.add_argument(
+        "--card-template",
+        default="fine-tune",
+        help="model card template: oisa-1b, oisa-tiny-synthetic, fine-tune (default) or a template file",
+    )
+    push.add_argument("--metrics", type=Path, help="an eval.py metrics.json whose results go into the card")
+    push.add_argument(
+        "--card-field",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a template field, VALUE read as YAML (e.g. license=mit; oisa-1b needs license); repeatable",
+    )
+
     segment = commands.add_parser("segment", help="segment what an expression refers to in a video")
     segment.add_argument("video", type=Path, help="video file (mp4, mkv, webm, avi...) or folder of frames")
     segment.add_argument("--text", help="text expression; mark a sound with <audio> and an image with <image>")
@@ -246,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
             init_from_parts(args.internvl2, args.whisper, args.adapter, args.output_dir, args.seed)
         elif args.command == "make-synthetic":
             return make_synthetic(args.out, args.format, args.videos, args.seed)
+        elif args.command == "push":
+            return push_checkpoint(args)
         elif args.command == "segment":
             segment_video(args)
     except (OisaInputError, OisaCheckpointError) as error:

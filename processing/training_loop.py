@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from peft import PeftModel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoProcessor, get_scheduler
@@ -20,6 +21,7 @@ from modeling_oisa import TrainingSetup, apply_training_setup, merge_training_se
 
 from .datasets_omniavs import OmniAVSReader
 from .datasets_refavs import RefAVSReader
+from .publish import publish_checkpoint
 from .tokenization_oisa import OISA_SPECIAL_TOKENS
 from .training_data import (
     MixtureSource,
@@ -168,6 +170,12 @@ def train(
             new_token_ids=new_token_ids,
         ),
     )
+    if push_to_hub and not merge and isinstance(model, PeftModel):
+        # unmerged, the final model is saved as a PEFT adapter, which AutoModel cannot load from the Hub
+        raise ValueError(
+            "--push-to-hub publishes a full model: this stage trains through PEFT (LoRA or new token rows), so add "
+            "--merge"
+        )
 
     sources = build_sources(config, data_roots, processor, profile)
     records = sum(len(source.records) for source in sources)
@@ -279,8 +287,9 @@ def train(
             )
         )
         if push_to_hub:
-            trained.push_to_hub(push_to_hub)
-            processor.push_to_hub(push_to_hub)
+            # the same upload as `oisa push`: remote code, processor and a model card from the fine-tune template
+            training = f"stage {config.stage}, {step} optimizer steps on {', '.join(sorted(data_roots))}"
+            publish_checkpoint(final_dir, push_to_hub, base_model=model_path, training=training)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final_dir

@@ -290,6 +290,14 @@ def test_convert_command_round_trip_is_exact(converted, tmp_path):
     assert json.loads((tmp_path / "generation_config.json").read_text())["eos_token_id"] == 381
     tokenizer = AutoTokenizer.from_pretrained(tmp_path)
     assert (tokenizer.seg_token_id, tokenizer.image_token_id, tokenizer.sub_audio_token_id) == (396, 384, 399)
+    # a processor in the release profile, at the checkpoint's image size, so `oisa segment` and eval.py run on it
+    import processing_oisa
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    assert isinstance(processor, processing_oisa.OisaProcessor)
+    assert (processor.num_image_tokens, processor.frame_sampler, processor.sub_audio_layout) == (64, "release", "release")
+    assert processor.image_processor.size["height"] == 224
 
     reloaded = AutoModel.from_pretrained(tmp_path, dtype=torch.float32).eval()
     assert_same_state(reloaded, converted)
