@@ -15,7 +15,7 @@ def write_tiny_random(output_dir: Path, seed: int) -> None:
     """Writes a tiny OISA with random weights and its processor, loadable with `AutoModel` / `AutoProcessor`."""
     from modeling_oisa import OisaForReferringSegmentation, tiny_oisa_config
 
-    from .processing_oisa import OisaProcessor, make_feature_extractor, make_image_processor
+    from .processing_oisa import OisaProcessor
     from .tokenization_oisa import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
@@ -33,14 +33,7 @@ def write_tiny_random(output_dir: Path, seed: int) -> None:
     model = OisaForReferringSegmentation(config)
     model.generation_config.eos_token_id = ids("<|im_end|>")
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    processor = OisaProcessor(
-        make_image_processor(config.image_size),
-        make_feature_extractor(),
-        tokenizer,
-        num_image_tokens=config.num_image_tokens,
-        frame_sampler=config.frame_sampler,
-        sub_audio_layout=config.sub_audio_layout,
-    )
+    processor = OisaProcessor.from_model_config(config, tokenizer)
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
     logger.info("wrote a tiny random OISA (%d parameters) to %s", model.num_parameters(), output_dir)
@@ -119,21 +112,12 @@ def convert_original(src: str, dst: Path, audio_encoder_config: Path | None, dty
 
     from transformers import AutoConfig, AutoTokenizer
 
-    from .processing_oisa import OisaProcessor, make_feature_extractor, make_image_processor
+    from .processing_oisa import OisaProcessor
 
     convert_original_checkpoint(
         src, dst, audio_encoder_config=audio_encoder_config, named_special_tokens=NAMED_SPECIAL_TOKENS, dtype=dtype
     )
-    config = AutoConfig.from_pretrained(dst)
-    processor = OisaProcessor(
-        make_image_processor(config.image_size),
-        make_feature_extractor(),
-        AutoTokenizer.from_pretrained(dst),
-        num_image_tokens=config.num_image_tokens,
-        frame_sampler=config.frame_sampler,
-        sub_audio_layout=config.sub_audio_layout,
-    )
-    processor.save_pretrained(dst)
+    OisaProcessor.from_model_config(AutoConfig.from_pretrained(dst), AutoTokenizer.from_pretrained(dst)).save_pretrained(dst)
     logger.info("converted %s to %s", src, dst)
 
 

@@ -119,6 +119,18 @@ class OisaProcessor(ProcessorMixin):
             image_processor, feature_extractor, tokenizer, chat_template=chat_template or HERMES_2_CHAT_TEMPLATE, **kwargs
         )
 
+    @classmethod
+    def from_model_config(cls, config, tokenizer) -> "OisaProcessor":
+        """The processor of an OISA model: its image size, tokens per dense frame and behaviour profile."""
+        return cls(
+            make_image_processor(config.image_size),
+            make_feature_extractor(),
+            tokenizer,
+            num_image_tokens=config.num_image_tokens,
+            frame_sampler=config.frame_sampler,
+            sub_audio_layout=config.sub_audio_layout,
+        )
+
     @property
     def seg_token_id(self) -> int:
         return self.tokenizer.convert_tokens_to_ids("[SEG]")

@@ -254,7 +254,7 @@ def _save_processor(model_dir: Path, out_dir: Path) -> None:
 
     from modeling_oisa import OisaConfig
 
-    from .processing_oisa import OisaProcessor, make_feature_extractor, make_image_processor
+    from .processing_oisa import OisaProcessor
 
     if not (model_dir / "tokenizer_config.json").is_file():
         raise PublishError(f"{model_dir}: no processor_config.json and no tokenizer to build a processor from")
@@ -263,15 +263,7 @@ def _save_processor(model_dir: Path, out_dir: Path) -> None:
     # from_pretrained records how it was called among the kwargs that save_pretrained writes back
     for key in ("is_local", "local_files_only"):
         tokenizer.init_kwargs.pop(key, None)
-    processor = OisaProcessor(
-        make_image_processor(config.image_size),
-        make_feature_extractor(),
-        tokenizer,
-        num_image_tokens=config.num_image_tokens,
-        frame_sampler=config.frame_sampler,
-        sub_audio_layout=config.sub_audio_layout,
-    )
-    processor.save_pretrained(out_dir)
+    OisaProcessor.from_model_config(config, tokenizer).save_pretrained(out_dir)
     logger.info("%s has no processor files: built them from its config and tokenizer", model_dir)
 
 
