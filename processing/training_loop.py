@@ -216,26 +216,29 @@ def train(
     progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc="training")
     model.train()
     started, samples_since_log, bad_samples, loss_history = time.perf_counter(), 0, 0, []
-    failed_in_a_row = 0
+    failed_in_a_row, last_batch = 0, None
     for batch in batches:
         samples_seen += config.per_device_batch_size
         bad_samples += int(batch.pop("num_bad_samples"))
-        if "input_ids" not in batch:
-            failed_in_a_row += 1
-            if failed_in_a_row >= 50:
-                raise RuntimeError(f"The last {failed_in_a_row} batches had no usable sample; see the warnings above.")
+        usable = "input_ids" in batch
+        failed_in_a_row = 0 if usable else failed_in_a_row + 1
+        if failed_in_a_row >= 50:
+            raise RuntimeError(f"The last {failed_in_a_row} batches had no usable sample; see the warnings above.")
+        if not usable and (accelerator.num_processes == 1 or last_batch is None):
             continue
-        failed_in_a_row = 0
-        batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+        # with several processes every one must take part in each step: a rank whose batch was all bad repeats its
+        # last batch with a zero loss
+        batch = {key: value.to(accelerator.device) for key, value in batch.items()} if usable else last_batch
+        last_batch = batch
         with accelerator.accumulate(model):
             output = model(**batch)
-            accelerator.backward(output.loss)
+            accelerator.backward(output.loss if usable else output.loss * 0.0)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
-        samples_since_log += batch["input_ids"].shape[0]
+        samples_since_log += batch["input_ids"].shape[0] if usable else 0
         if not accelerator.sync_gradients:
             continue
         step += 1
