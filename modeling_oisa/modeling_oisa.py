@@ -443,10 +443,10 @@ class OisaForReferringSegmentation(OisaPreTrainedModel, GenerationMixin):
         image_features = None
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-            if pixel_values is not None:
+            if pixel_values is not None and pixel_values.shape[0] > 0:
                 image_features = self.get_image_features(pixel_values)
             audio_embeds = None
-            if input_features is not None:
+            if input_features is not None and input_features.shape[0] > 0:
                 audio_embeds = self.get_audio_features(input_features, audio_feature_lengths)
             inputs_embeds = self.inject_multimodal_embeddings(
                 input_ids,
@@ -478,7 +478,7 @@ class OisaForReferringSegmentation(OisaPreTrainedModel, GenerationMixin):
         )
         if labels is not None:
             result.lm_loss = self._lm_loss(logits, labels)
-        if gt_masks is not None:
+        if gt_masks is not None and (gt_masks.shape[0] > 0 or image_features is not None):
             if input_ids is None or image_features is None:
                 raise ValueError("Mask supervision needs `input_ids` and `pixel_values`.")
             self._add_mask_losses(

@@ -23,6 +23,9 @@ from .datasets_omniavs import OmniAVSReader
 from .datasets_refavs import RefAVSReader
 from .publish import publish_checkpoint
 from .tokenization_oisa import OISA_SPECIAL_TOKENS
+from .training_audio_text import AUDIO_TEXT_SAMPLE_BUILDERS
+from .training_image import IMAGE_SAMPLE_BUILDERS
+from .training_video import VIDEO_SAMPLE_BUILDERS
 from .training_data import (
     MixtureSource,
     OisaTrainingCollator,
@@ -41,6 +44,9 @@ STATE_FILE = "trainer_state.json"
 SAMPLE_BUILDERS = {
     "omniavs": (OmniAVSReader, build_omniavs_sample),
     "refavs": (RefAVSReader, build_refavs_sample),
+    **IMAGE_SAMPLE_BUILDERS,
+    **VIDEO_SAMPLE_BUILDERS,
+    **AUDIO_TEXT_SAMPLE_BUILDERS,
 }
 
 
