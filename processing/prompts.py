@@ -73,13 +73,14 @@ def question(expr_type: str, expression: str | None, explain: bool) -> str:
     return template.format(expression=expression or "")
 
 
-def target_answer(is_null: bool, explanation: str | None, release_double_period: bool) -> str:
-    """The training target: `[SEG]` or the null answer, with `Explanation: ...` when there is one."""
+def target_answer(is_null: bool, explanation: str | None) -> str:
+    """
+    The training target: `[SEG]` or the null answer, with `Explanation: ...` when there is one. The release's null
+    answer with an explanation had a double period (B11); data bugs are always fixed, so it has one.
+    """
     answer = NULL_ANSWER if is_null else POSITIVE_ANSWER
     if explanation:
-        # B11: the release's null answer with an explanation has a double period
-        separator = "." if is_null and release_double_period else ""
-        answer = f"{answer}{separator} Explanation: {explanation}"
+        answer = f"{answer} Explanation: {explanation}"
     return answer
 
 

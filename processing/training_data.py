@@ -72,7 +72,8 @@ def build_omniavs_sample(
     the model's input size. Null expressions answer without `[SEG]` and carry no masks.
     """
     has_speech = record.referring_speech_path is not None
-    explain = bool(record.explanation) and (profile != "release" or has_speech)  # B10: release text types never ask
+    # B10 fixed: every type with an explanation asks for one (the release's text types never asked in training)
+    explain = bool(record.explanation)
     expression = OisaExpression(
         text=None if has_speech else record.text,
         speech=record.referring_speech_path,
@@ -80,7 +81,7 @@ def build_omniavs_sample(
         image=record.referring_image_path,
         explain=explain,
     )
-    answer = target_answer(record.is_null, record.explanation, release_double_period=profile == "release")
+    answer = target_answer(record.is_null, record.explanation)
     return _video_sample(
         processor,
         record.frame_paths,
@@ -106,7 +107,7 @@ def build_refavs_sample(
     OmniAVS text expression over the clip and its audio. Null rows (from the uid, B20 fixed) answer without `[SEG]`.
     """
     frame_paths = record.frame_paths()
-    answer = target_answer(record.is_null, None, release_double_period=profile == "release")
+    answer = target_answer(record.is_null, None)
 
     def frame_masks(indices: list[int]) -> np.ndarray:
         return record.gt_masks()[indices]

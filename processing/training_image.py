@@ -679,7 +679,7 @@ def build_reason_seg_sample(
     for position in _choose(rng, len(queries)):
         explain = bool(record.explanation) and rng.random() < EXPLAIN_PROBABILITY
         text = _question(queries[position]) + (EXPLAIN_SUFFIX if explain else "")
-        answer = target_answer(False, record.explanation if explain else None, release_double_period=False)
+        answer = target_answer(False, record.explanation if explain else None)
         turns.append(ImageTurn(text, answer, mask))
     return build_image_conversation_sample(
         processor, record.image_path, turns, ReasonSegReader.dataset, record.image_path.name

@@ -138,10 +138,11 @@ def test_frame_selection():
 
 
 def test_target_answers():
-    assert target_answer(False, None, True) == "Sure, it is [SEG]."
-    assert target_answer(False, "it barks", True) == "Sure, it is [SEG]. Explanation: it barks"
-    assert target_answer(True, "none barks", True) == "No target matches this expression.. Explanation: none barks"
-    assert target_answer(True, "none barks", False) == "No target matches this expression. Explanation: none barks"
+    assert target_answer(False, None) == "Sure, it is [SEG]."
+    assert target_answer(False, "it barks") == "Sure, it is [SEG]. Explanation: it barks"
+    assert target_answer(True, None) == "No target matches this expression."
+    # B11 fixed: one period before the explanation of a null answer
+    assert target_answer(True, "none barks") == "No target matches this expression. Explanation: none barks"
 
 
 def test_processor_save_and_load(processor, tmp_path):

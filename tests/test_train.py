@@ -75,9 +75,9 @@ def test_training_sample_and_collation(workspace):
     decode = processor.tokenizer.decode
     assert decode(positive["input_ids"][positive["labels"] != -100]) == "Sure, it is [SEG].<|im_end|>"
     assert decode(null["input_ids"][null["labels"] != -100]) == "No target matches this expression.<|im_end|>"
-    # release profile: a text expression with an explanation keeps the base question (B10), the double period (B11)
+    # B10 fixed: a text expression with an explanation asks for one in training too
     explained = samples[2]
-    assert "and explain why" not in decode(explained["input_ids"])
+    assert "</ref>, and explain why.<|im_end|>" in decode(explained["input_ids"])
     assert decode(explained["input_ids"][explained["labels"] != -100]).startswith("Sure, it is [SEG]. Explanation: ")
     batch = OisaTrainingCollator(processor.tokenizer.pad_token_id)(samples[:4])
     assert batch["images_per_sample"].tolist() == [3, 3, 3, 4]
