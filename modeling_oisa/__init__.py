@@ -4,7 +4,7 @@ from transformers import AutoConfig, AutoModel
 
 from .audio_encoder import OisaAudioEncoder, audio_lengths_after_conv, audio_token_counts
 from .build_from_parts import Stage1Report, build_stage1_model
-from .configuration_oisa import OisaConfig
+from .configuration_oisa import PROFILE_SWITCHES, OisaConfig
 from .convert_original import (
     DROPPED_ORIGINAL_KEYS,
     OisaCheckpointError,
@@ -37,6 +37,7 @@ OisaForReferringSegmentation.register_for_auto_class("AutoModel")
 
 __all__ = [
     "DROPPED_ORIGINAL_KEYS",
+    "PROFILE_SWITCHES",
     "AudioTokenMode",
     "ImageTokenMode",
     "OisaAudioEncoder",

@@ -19,7 +19,7 @@ import torch
 from torch.nn import functional as F
 from transformers import AutoModel, AutoProcessor
 
-from modeling_oisa.configuration_oisa import PROFILE_SWITCHES
+from modeling_oisa import PROFILE_SWITCHES
 
 from .datasets_omniavs import OmniAVSReader, OmniAVSRecord
 from .datasets_refavs import RefAVSReader, RefAVSRecord

@@ -23,7 +23,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard
 from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
 
-from modeling_oisa.configuration_oisa import PROFILE_SWITCHES
+from modeling_oisa import PROFILE_SWITCHES
 
 from .eval_report import ROMAN, omniavs_table, refavs_table
 from .prompts import EXPRESSION_TYPES
