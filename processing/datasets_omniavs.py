@@ -14,7 +14,7 @@ from PIL import Image
 
 from .errors import OisaDataError, resolve_inside
 from .prompts import EXPRESSION_TYPES
-from .rle import RleError, decode_rle, rle_runs
+from .rle import RleError, decode_union, rle_runs
 
 
 DATASET_NAME = "omniavs"
@@ -73,31 +73,10 @@ class OmniAVSRecord:
         indices = list(range(self.num_frames)) if frame_indices is None else [int(i) for i in frame_indices]
         if any(not 0 <= index < self.num_frames for index in indices):
             raise IndexError(f"frame indices {indices} out of range for {self.num_frames} frames")
-        height, width = self.frame_size()
-        masks = np.zeros((len(indices), height, width), dtype=bool)
-        for row, index in enumerate(indices):
-            for object_id, rles in zip(self.object_ids, self.object_rles):
-                rle = rles[index]
-                if rle is None:
-                    continue
-                try:
-                    mask = decode_rle(rle)
-                except RleError as error:
-                    raise OisaDataError(
-                        f"object {object_id}, frame {index}: {error}",
-                        dataset=DATASET_NAME,
-                        record=self.key,
-                        path=self.video_dict_path,
-                    ) from error
-                if mask.shape != (height, width):
-                    raise OisaDataError(
-                        f"object {object_id}, frame {index}: mask {mask.shape} is not the frame size {(height, width)}",
-                        dataset=DATASET_NAME,
-                        record=self.key,
-                        path=self.video_dict_path,
-                    )
-                masks[row] |= mask
-        return masks
+        try:
+            return decode_union(list(zip(self.object_ids, self.object_rles)), indices, self.frame_size())
+        except RleError as error:
+            raise OisaDataError(str(error), dataset=DATASET_NAME, record=self.key, path=self.video_dict_path) from error
 
 
 def _image_size(path: Path, *, record: str | None) -> tuple[int, int]:

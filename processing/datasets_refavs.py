@@ -16,7 +16,8 @@ from .errors import OisaDataError, resolve_inside
 
 DATASET_NAME = "refavs"
 SPLITS = ("train", "val", "test_s", "test_u", "test_n")
-# Rows of this split exist in the CSV but no code path uses them.
+# metadata.csv also holds rows whose split column is literally the word "TODO" (a value of the released file, not a
+# marker of unfinished work); no protocol uses them, so they are accepted and left out of every split.
 UNUSED_SPLITS = ("TODO",)
 COLUMNS = ("vid", "uid", "split", "fid", "exp")
 _FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")

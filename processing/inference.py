@@ -173,12 +173,16 @@ class OisaVideoSegmenter:
 
     def _answer(self, frames, modes, vision_embeds, soundtrack, expression):
         """Generates the answer of one expression; returns it parsed and the hidden state for the mask head."""
-        encoding = self.processor(frames, expression, soundtrack=soundtrack, frame_modes=modes).to(self.device)
+        # the frames are already encoded (`vision_embeds`): only the referring image is transformed here. The
+        # soundtrack is encoded again with each expression's clips, as the original batches one expression's clips
+        encoding = self.processor(
+            frames, expression, soundtrack=soundtrack, frame_modes=modes, encode_frames=False
+        ).to(self.device)
         model, config = self.model, self.model.config
         input_ids = encoding["input_ids"]
         image_embeds = vision_embeds
         if expression.image is not None:
-            image_embeds = torch.cat([vision_embeds, model.get_vision_embeddings(encoding["pixel_values"][-1:])])
+            image_embeds = torch.cat([vision_embeds, model.get_vision_embeddings(encoding["pixel_values"])])
         audio = model.get_audio_features(encoding["input_features"], encoding["audio_feature_lengths"])
         inputs_embeds = model.inject_multimodal_embeddings(
             input_ids,

@@ -238,11 +238,14 @@ class OisaProcessor(ProcessorMixin):
         frame_modes: Sequence[int] | None = None,
         answer: str | None = None,
         return_tensors: str = "pt",
+        encode_frames: bool = True,
         **kwargs,
     ) -> BatchFeature:
         """
         frames: the video's frames in order (or only the visible ones, with their `frame_modes`); soundtrack: the
-        video's audio (silence when None). With `answer`, `labels` supervise the answer and its `<|im_end|>`.
+        video's audio (silence when None). With `answer`, `labels` supervise the answer and its `<|im_end|>`. With
+        `encode_frames=False`, `pixel_values` holds only the referring image (for a caller that already encoded the
+        frames); `image_token_modes` still lists every image.
         """
         if len(frames) == 0:
             raise OisaInputError("The video has no frames.")
@@ -274,10 +277,18 @@ class OisaProcessor(ProcessorMixin):
             labels[:, :num_prompt_tokens] = -100
             encoding["labels"] = labels
 
-        images = [frame if isinstance(frame, Image.Image) else Image.fromarray(np.asarray(frame)) for frame in frames]
+        images = [
+            frame if isinstance(frame, Image.Image) else Image.fromarray(np.asarray(frame))
+            for frame in (frames if encode_frames else [])
+        ]
         if expression.image is not None:
             images.append(self.load_image(expression.image))
-        pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        size = self.image_processor.size["height"]
+        pixel_values = (
+            self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+            if images
+            else torch.zeros(0, 3, size, size)
+        )
         audio = self.feature_extractor(
             waveforms, sampling_rate=SAMPLING_RATE, padding="max_length", truncation=True, return_tensors="pt"
         )

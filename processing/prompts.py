@@ -143,7 +143,11 @@ def split_evenly(total: int, parts: int) -> list[int]:
 
 
 def audio_token_count(num_samples: int, sampling_rate: int = 16000, max_seconds: int = 30) -> int:
-    """LLM tokens of an audio clip: mel frames (10 ms) -> stride-2 conv -> pooling by 2; about 25 a second, 750 max."""
+    """
+    LLM tokens of an audio clip: mel frames (10 ms) -> stride-2 conv -> pooling by 2; about 25 a second, 750 max. The
+    model computes the same count on tensors (`modeling_oisa.audio_token_counts`); this copy keeps the processor's
+    remote code free of the model package.
+    """
     mel_frames = min(num_samples, max_seconds * sampling_rate) // (sampling_rate // 100)
     after_conv = math.ceil(mel_frames / 2)
     return max((after_conv - 2) // 2 + 1, 0)

@@ -126,3 +126,31 @@ def encode_rle(mask: np.ndarray, *, compressed: bool = True) -> dict[str, Any]:
         runs = np.zeros(0, dtype=np.int64)
     counts: str | list[int] = counts_to_string(runs) if compressed else [int(v) for v in runs]
     return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": counts}
+
+
+def decode_union(
+    objects: Sequence[tuple[str, Sequence[Mapping[str, Any] | None]]],
+    frame_indices: Sequence[int],
+    size: tuple[int, int],
+    label: str = "object",
+) -> np.ndarray:
+    """
+    Bool [T, H, W]: for each chosen frame, the union of the objects' RLE masks (None where an object is absent).
+    `objects` pairs each object's name with its per-frame RLEs. A bad RLE or a mask of another size raises RleError
+    naming the object (called `label` in the message) and the frame.
+    """
+    masks = np.zeros((len(frame_indices), *size), dtype=bool)
+    for row, index in enumerate(frame_indices):
+        for name, rles in objects:
+            rle = rles[index]
+            if rle is None:
+                continue
+            try:
+                mask = decode_rle(rle)
+            except RleError as error:
+                raise RleError(f"{label} {name}, frame {index}: {error}") from error
+            if mask.shape != tuple(size):
+                raise RleError(f"{label} {name}, frame {index}: mask {mask.shape} is not the frame size {tuple(size)}")
+            masks[row] |= mask
+    return masks
+

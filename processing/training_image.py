@@ -12,6 +12,7 @@ import io
 import json
 import pickle
 import random
+from abc import abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -453,8 +454,9 @@ class _SemanticReader(_RecordList):
             for index, (image_path, label_path) in enumerate(self._pairs())
         ]
 
+    @abstractmethod
     def _pairs(self) -> list[tuple[Path, Path]]:
-        raise NotImplementedError
+        """(image, label map) paths of the split."""
 
     def _pair_folder(self, image_dir: Path, label_dir: Path, image_suffix: str) -> list[tuple[Path, Path]]:
         """Every label PNG with its image of the same stem (a label without its image is an error)."""
@@ -469,9 +471,9 @@ class _SemanticReader(_RecordList):
         return pairs
 
     @staticmethod
+    @abstractmethod
     def class_map(label: np.ndarray, class_names: Sequence[str]) -> np.ndarray:
         """Label values -> class indices, 255 where ignored."""
-        raise NotImplementedError
 
 
 class ADE20KReader(_SemanticReader):

@@ -26,7 +26,7 @@ from .errors import OisaDataError, resolve_inside
 from .media import silent_soundtrack
 from .processing_oisa import OisaExpression, OisaProcessor
 from .prompts import POSITIVE_ANSWER
-from .rle import RleError, decode_rle, rle_size
+from .rle import RleError, decode_union, rle_size
 from .training_data import _video_sample
 
 
@@ -83,23 +83,10 @@ class VideoExpressionRecord:
         indices = list(range(self.num_frames)) if frame_indices is None else [int(index) for index in frame_indices]
         if any(not 0 <= index < self.num_frames for index in indices):
             raise IndexError(f"frame indices {indices} out of range for {self.num_frames} frames")
-        height, width = self.frame_size()
-        masks = np.zeros((len(indices), height, width), dtype=bool)
-        for row, index in enumerate(indices):
-            for anno_id, rles in zip(self.anno_ids, self.anno_rles):
-                rle = rles[index]
-                if rle is None:
-                    continue
-                try:
-                    mask = decode_rle(rle)
-                except RleError as error:
-                    raise self._error(f"annotation {anno_id}, frame {index}: {error}") from error
-                if mask.shape != (height, width):
-                    raise self._error(
-                        f"annotation {anno_id}, frame {index}: mask {mask.shape} is not the video size {(height, width)}"
-                    )
-                masks[row] |= mask
-        return masks
+        try:
+            return decode_union(list(zip(self.anno_ids, self.anno_rles)), indices, self.frame_size(), label="annotation")
+        except RleError as error:
+            raise self._error(str(error)) from error
 
 
 class MetaExpressionsReader(Sequence[VideoExpressionRecord]):
@@ -264,22 +251,8 @@ class MevisReader(MetaExpressionsReader):
         )
 
 
-class RevosReader(MevisReader):
-    """ReVOS: the MeViS format at the root, with the release's `meta_expressions_train_.json` (trailing underscore)."""
-
-    def __init__(
-        self,
-        root: str | os.PathLike[str],
-        split: str = "train",
-        *,
-        annotation_name: str = "meta_expressions_{split}_.json",
-        dataset: str = "revos",
-        check_files: bool = True,
-        skip_bad: bool = False,
-    ) -> None:
-        super().__init__(
-            root, split, annotation_name=annotation_name, dataset=dataset, check_files=check_files, skip_bad=skip_bad
-        )
+# ReVOS: the MeViS format at the root, with the release's `meta_expressions_train_.json` (trailing underscore)
+RevosReader = functools.partial(MevisReader, annotation_name="meta_expressions_{split}_.json", dataset="revos")
 
 
 class RefYoutubeVosReader(MetaExpressionsReader):

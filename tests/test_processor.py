@@ -184,3 +184,12 @@ def test_long_audio_is_cut_to_30_seconds_with_a_warning(processor, caplog):
     assert "only its first 30 s are used" in caplog.text
     assert encoding["audio_feature_lengths"].tolist() == [100, 3000]
     assert int((encoding["input_ids"] == processor.tokenizer.audio_token_id).sum()) == 25 + 750
+
+
+def test_frames_already_encoded_leave_only_the_referring_image(processor):
+    frames = [np.zeros((32, 32, 3), dtype=np.uint8)] * 3
+    expression = OisaExpression(text="like <image>", image=np.full((20, 20, 3), 200, dtype=np.uint8))
+    full = processor(frames, expression, soundtrack=tone(440, 1.0), frame_modes=[2, 1, 0])
+    light = processor(frames, expression, soundtrack=tone(440, 1.0), frame_modes=[2, 1, 0], encode_frames=False)
+    assert light["pixel_values"].shape[0] == 1 and torch.equal(light["pixel_values"][0], full["pixel_values"][-1])
+    assert torch.equal(light["input_ids"], full["input_ids"]) and light["image_token_modes"].tolist() == [2, 1, 0, 2]
