@@ -28,6 +28,7 @@ from accelerate.utils import InitProcessGroupKwargs
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
+from modeling_oisa import resolve_model_name
 from processing_oisa.eval_report import compute_metrics, write_report
 from processing_oisa.eval_results import ResultWriter, check_output, claim_output, read_results, results_path
 from processing_oisa.evaluation import (
@@ -46,7 +47,7 @@ from processing_oisa.model_card import TEMPLATES, parse_card_fields, render_mode
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="checkpoint folder or Hub id")
+    parser.add_argument("--model", required=True, help="checkpoint folder, Hub id or oisa-tiny-synthetic")
     parser.add_argument("--dataset", required=True, choices=DATASETS)
     parser.add_argument("--data-root", required=True, type=Path, help="the dataset's root folder")
     parser.add_argument("--splits", nargs="+", help="default: test (OmniAVS); test_s test_u test_n (Ref-AVS)")
@@ -64,7 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--card-field", action="append", default=[], metavar="NAME=VALUE", help="a template field, VALUE read as YAML"
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.model = resolve_model_name(args.model)
+    return args
 
 
 def card_fields(args: argparse.Namespace, splits: list[str]) -> dict[str, Any]:

@@ -14,13 +14,14 @@ import argparse
 import logging
 
 import processing_oisa  # noqa: F401  (registers the processor)
+from modeling_oisa import resolve_model_name
 from processing_oisa.training_loop import StageConfig, train
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="stage config file (configs/*.json)")
-    parser.add_argument("--model", required=True, help="checkpoint to start from (folder or Hub id)")
+    parser.add_argument("--model", required=True, help="checkpoint to start from (folder, Hub id or oisa-tiny-synthetic)")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--data", action="append", default=[], metavar="NAME=ROOT", help="root of a mixture dataset")
     parser.add_argument("--max-steps", type=int, help="optimizer steps (default: the config's epochs)")
@@ -37,7 +38,7 @@ def main() -> None:
     data_roots = dict(item.split("=", 1) for item in args.data)
     final = train(
         StageConfig.from_file(args.config),
-        args.model,
+        resolve_model_name(args.model),
         args.output_dir,
         data_roots,
         max_steps=args.max_steps,

@@ -11,16 +11,40 @@ import torch
 logger = logging.getLogger("oisa")
 
 
-def write_tiny_random(output_dir: Path, seed: int) -> None:
-    """Writes a tiny OISA with random weights and its processor, loadable with `AutoModel` / `AutoProcessor`."""
-    from modeling_oisa import OisaForReferringSegmentation, tiny_oisa_config
+TINY_PRESETS = ("reference", "synthetic")
+# merges of the synthetic preset's tokenizer: enough for every word of the synthetic expressions and the system
+# message to take one token or a few, which keeps the LLM's input short
+SYNTHETIC_TOKENIZER_MERGES = 400
+SYNTHETIC_VISIBLE_FRAMES, SYNTHETIC_DENSE_FRAMES = 4, 2
+
+
+def write_tiny_random(output_dir: Path, seed: int, preset: str = "reference") -> None:
+    """
+    Writes a tiny OISA with random weights and its processor, loadable with `AutoModel` / `AutoProcessor`: at the
+    sizes of the original's tiny reference model (`reference`), or OISA-tiny-synthetic before training (`synthetic`).
+    """
+    from modeling_oisa import (
+        OisaForReferringSegmentation,
+        init_tiny_synthetic_attention,
+        tiny_oisa_config,
+        tiny_synthetic_config,
+    )
 
     from .processing_oisa import OisaProcessor
+    from .prompts import RELEASE_SYSTEM_MESSAGE
+    from .synthetic_dataset import expression_corpus
     from .tokenization_oisa import build_tiny_tokenizer
 
-    tokenizer = build_tiny_tokenizer()
+    if preset not in TINY_PRESETS:
+        raise ValueError(f"preset must be one of {TINY_PRESETS}, got {preset!r}")
+    if preset == "synthetic":
+        tokenizer = build_tiny_tokenizer(SYNTHETIC_TOKENIZER_MERGES, [RELEASE_SYSTEM_MESSAGE, *expression_corpus()])
+        make_config = tiny_synthetic_config
+    else:
+        tokenizer = build_tiny_tokenizer()
+        make_config = tiny_oisa_config
     ids = tokenizer.convert_tokens_to_ids
-    config = tiny_oisa_config(
+    config = make_config(
         vocab_size=len(tokenizer),
         image_token_id=ids("<IMG_CONTEXT>"),
         audio_token_id=ids("<AUDIO_CONTEXT>"),
@@ -31,9 +55,14 @@ def write_tiny_random(output_dir: Path, seed: int) -> None:
     )
     torch.manual_seed(seed)
     model = OisaForReferringSegmentation(config)
+    if preset == "synthetic":
+        init_tiny_synthetic_attention(model.language_model)
     model.generation_config.eos_token_id = ids("<|im_end|>")
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     processor = OisaProcessor.from_model_config(config, tokenizer)
+    if preset == "synthetic":
+        # the LLM sees as many frames at inference as configs/oisa_tiny_synthetic.json shows it in training
+        processor.max_visible_frames, processor.num_dense_frames = SYNTHETIC_VISIBLE_FRAMES, SYNTHETIC_DENSE_FRAMES
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
     logger.info("wrote a tiny random OISA (%d parameters) to %s", model.num_parameters(), output_dir)
@@ -48,6 +77,8 @@ def segment_video(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
     from transformers import AutoModel, AutoProcessor
 
+    from modeling_oisa import TINY_SYNTHETIC_NAME, resolve_model_name
+
     from .inference import OisaVideoSegmenter
     from .media import VideoReader, write_video
     from .processing_oisa import OisaExpression
@@ -60,8 +91,12 @@ def segment_video(args: argparse.Namespace) -> None:
                                 explain=args.explain)
     expression_type = expression.type
     reader = VideoReader(args.video)
-    model = AutoModel.from_pretrained(args.model, dtype=dtype).to(device).eval()
-    processor = AutoProcessor.from_pretrained(args.model)
+    if args.model is None:
+        args.model = TINY_SYNTHETIC_NAME
+        logger.info("no --model given: using %s, the small model trained on synthetic shapes", TINY_SYNTHETIC_NAME)
+    model_path = resolve_model_name(args.model)
+    model = AutoModel.from_pretrained(model_path, dtype=dtype).to(device).eval()
+    processor = AutoProcessor.from_pretrained(model_path)
     segmenter = OisaVideoSegmenter(model, processor, chunk_size=args.chunk_size, max_new_tokens=args.max_new_tokens)
     with tqdm(total=reader.info.num_frames, unit="frame", desc="segmenting", disable=None) as bar:
         result = segmenter(reader, expression, soundtrack=args.soundtrack,
@@ -157,12 +192,12 @@ def init_from_parts(internvl2: Path, whisper: Path, adapter: Path, output_dir: P
     logger.info("wrote the stage-1 OISA to %s; freshly initialised: %s", output_dir, ", ".join(fresh_modules))
 
 
-def make_synthetic(out: Path, dataset_format: str, num_videos: int, seed: int) -> int:
+def make_synthetic(out: Path, dataset_format: str, num_videos: int, seed: int, split: str | None = None) -> int:
     """`oisa make-synthetic`: a synthetic OmniAVS or Ref-AVS dataset of moving shapes; 2 when it cannot be written."""
     from .synthetic_dataset import MissingProgramError, make_synthetic_dataset
 
     try:
-        make_synthetic_dataset(out, dataset_format, num_videos, seed)
+        make_synthetic_dataset(out, dataset_format, num_videos, seed, split=split)
     except (MissingProgramError, FileExistsError) as error:
         logger.error("oisa make-synthetic: %s", error)
         return 2
@@ -197,6 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = commands.add_parser("tiny-random", help="write a tiny OISA checkpoint with random weights")
     tiny.add_argument("output_dir", type=Path, help="folder to write the checkpoint to")
     tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    tiny.add_argument(
+        "--preset",
+        choices=TINY_PRESETS,
+        default="reference",
+        help="sizes of the original's tiny reference model, or those of OISA-tiny-synthetic (untrained)",
+    )
     convert = commands.add_parser(
         "convert", help="convert an original OISA checkpoint (internvl_chat layout, e.g. OISA-1B) to OISA's format"
     )
@@ -229,9 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
         "make-synthetic", help="write a synthetic OmniAVS or Ref-AVS dataset of moving shapes (OmniAVS needs espeak-ng)"
     )
     synthetic.add_argument("out", type=Path, help="folder to write the dataset to (new or empty)")
-    synthetic.add_argument("--format", choices=("omniavs", "refavs"), default="omniavs", help="on-disk layout")
-    synthetic.add_argument("--videos", type=int, default=10, help="number of videos")
+    synthetic.add_argument(
+        "--format", choices=("omniavs", "refavs", "grefcoco"), default="omniavs", help="on-disk layout"
+    )
+    synthetic.add_argument("--videos", type=int, default=10, help="number of videos (of still images for grefcoco)")
     synthetic.add_argument("--seed", type=int, default=0, help="the same seed writes the same dataset")
+    synthetic.add_argument("--split", help="put every video in this split (default: the format's usual split mix)")
 
     push = commands.add_parser(
         "push", help="publish a checkpoint to the Hugging Face Hub with its remote code and a model card"
@@ -263,12 +307,22 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--image", type=Path, help="an image that is part of the expression")
     segment.add_argument("--explain", action="store_true", help="ask the model to explain its answer")
     segment.add_argument("--soundtrack", type=Path, help="the video's audio as a separate file (default: its own)")
-    segment.add_argument("--model", required=True, help="checkpoint folder or Hub id")
+    segment.add_argument(
+        "--model", help="checkpoint folder, Hub id or oisa-tiny-synthetic (the default, which ships with the package)"
+    )
     segment.add_argument("--out", required=True, type=Path, help="output folder")
     segment.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when available)")
     segment.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     segment.add_argument("--chunk-size", type=int, default=8, help="frames through the mask head at once")
     segment.add_argument("--max-new-tokens", type=int, default=100)
+
+    demo = commands.add_parser(
+        "demo", help="segment a synthetic clip for several expression types with OISA-tiny-synthetic, with pictures"
+    )
+    demo.add_argument("--out", type=Path, default=Path("oisa-demo"), help="output folder (default: oisa-demo)")
+    demo.add_argument("--model", default="oisa-tiny-synthetic", help="checkpoint folder, Hub id or oisa-tiny-synthetic")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the clip's motion")
+    demo.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when available)")
     return parser
 
 
@@ -281,17 +335,21 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "tiny-random":
-            write_tiny_random(args.output_dir, args.seed)
+            write_tiny_random(args.output_dir, args.seed, args.preset)
         elif args.command == "convert":
             convert_original(args.src, args.dst, args.audio_encoder_config, args.dtype)
         elif args.command == "init-from-parts":
             init_from_parts(args.internvl2, args.whisper, args.adapter, args.output_dir, args.seed)
         elif args.command == "make-synthetic":
-            return make_synthetic(args.out, args.format, args.videos, args.seed)
+            return make_synthetic(args.out, args.format, args.videos, args.seed, args.split)
         elif args.command == "push":
             return push_checkpoint(args)
         elif args.command == "segment":
             segment_video(args)
+        elif args.command == "demo":
+            from .demo import run_demo
+
+            run_demo(args.out, args.model, args.seed, args.device)
     except (OisaInputError, OisaCheckpointError) as error:
         logger.error("oisa %s: %s", args.command, error)
         return 2

@@ -48,11 +48,14 @@ from .synthetic import (
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("omniavs", "refavs")
+FORMATS = ("omniavs", "refavs", "grefcoco")
 SPEECH_PROGRAM = "espeak-ng"
 # Videos take their split from these cycles, in order; OmniAVS video 1, 5, 9... are silent.
 OMNIAVS_SPLIT_CYCLE = ("test", "test", "test", "train")
 REFAVS_SPLIT_CYCLE = ("test_s", "test_u", "train", "val")
+GREFCOCO_SPLIT_CYCLE = ("train", "train", "train", "val")
+# where REFER's readers look for the COCO images
+GREFCOCO_IMAGE_DIR = "images/mscoco/images/train2014"
 SILENT_EVERY, SILENT_OFFSET = 4, 1
 PLAIN_TYPES = ("text", "speech")
 REFAVS_UNSEEN_SHAPE = "diamond"
@@ -106,17 +109,24 @@ def make_synthetic_dataset(
     fps: float = 4.0,
     nulls_per_video: int = 2,
     explanation_rate: float = 0.5,
+    split: str | None = None,
 ) -> SyntheticDataset:
     """
     Writes a synthetic dataset of `num_videos` clips under `out_dir` (created; it must be empty or absent).
 
     `nulls_per_video`: null expressions per OmniAVS video, null rows per Ref-AVS null folder. `explanation_rate`: the
-    share of OmniAVS expressions with an explanation. OmniAVS needs `espeak-ng` for its speech expressions.
+    share of OmniAVS expressions with an explanation. `split`: put every video in this split instead of spreading them
+    over the format's splits (the clips and expressions stay those of the same seed). OmniAVS needs `espeak-ng` for
+    its speech expressions.
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     if num_videos < 1:
         raise ValueError(f"num_videos must be at least 1, got {num_videos}")
+    cycle = {"omniavs": OMNIAVS_SPLIT_CYCLE, "refavs": REFAVS_SPLIT_CYCLE, "grefcoco": GREFCOCO_SPLIT_CYCLE}[format]
+    if split is not None and split not in cycle:
+        raise ValueError(f"split must be one of {sorted(set(cycle))} for {format}, got {split!r}")
+    split_cycle = cycle if split is None else (split,)
     root = Path(out_dir)
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"{root} is not empty; the synthetic dataset needs a new folder")
@@ -125,8 +135,24 @@ def make_synthetic_dataset(
     rng = np.random.default_rng(seed)
     geometry = {"num_frames": num_frames, "height": height, "width": width, "fps": fps}
     if format == "omniavs":
-        return _write_omniavs(root, rng, num_videos, geometry, nulls_per_video, explanation_rate, speech_program)
-    return _write_refavs(root, rng, num_videos, geometry, nulls_per_video)
+        return _write_omniavs(
+            root, rng, num_videos, geometry, nulls_per_video, explanation_rate, speech_program, split_cycle
+        )
+    if format == "grefcoco":
+        return _write_grefcoco(root, rng, num_videos, geometry, nulls_per_video, split_cycle)
+    return _write_refavs(root, rng, num_videos, geometry, nulls_per_video, split_cycle)
+
+
+def expression_corpus() -> list[str]:
+    """Sentences holding every word of the synthetic expressions and explanations, to learn a tokenizer's merges from."""
+    names = [f"the {colour} {shape}" for colour in SCENE_COLOURS for shape in SCENE_SHAPES]
+    return [
+        " and ".join(names),
+        "the shape that is making a sound, the shape making the sound <audio>, the shape that looks like <image>",
+        "Only the makes a sound. It is the only shape. Both are in the video. The video is silent, so no shape makes"
+        " a sound. No shape appears in the video. The only shape in the video is a. No shape in the video makes this"
+        " Hz tone. The picture shows the, and it makes this tone. is in the video, but the video is silent.",
+    ]
 
 
 # ---------------------------------------------------------------- files
@@ -214,6 +240,17 @@ def _absent_shape(clip: SyntheticClip, rng: np.random.Generator) -> str:
 # ---------------------------------------------------------------- OmniAVS
 
 
+def _absent_object_expression(clip: SyntheticClip, rng: np.random.Generator) -> _Expression:
+    """A null text expression: a present shape in an absent colour, or an absent shape in a present colour."""
+    shape = str(rng.choice(list(clip.masks)))
+    if rng.random() < 0.5:
+        colour = _absent_colour(clip, rng)
+        return _Expression("", f"the {colour} {shape}", (), f"No {colour} shape appears in the video.")
+    absent = _absent_shape(clip, rng)
+    colour = clip.colours[shape]
+    return _Expression("", f"the {colour} {absent}", (), f"The only {colour} shape in the video is a {shape}.")
+
+
 def _plain_expression(clip: SyntheticClip, rng: np.random.Generator, null: bool) -> _Expression:
     """Text only: by colour and shape, by sound, or two objects; null: an absent colour or shape, or a silent clip."""
     shapes = list(clip.masks)
@@ -221,13 +258,7 @@ def _plain_expression(clip: SyntheticClip, rng: np.random.Generator, null: bool)
         if clip.sounding is None:
             explanation = "The video is silent, so no shape makes a sound."
             return _Expression("", "the shape that is making a sound", (), explanation)
-        shape = str(rng.choice(shapes))
-        if rng.random() < 0.5:
-            colour = _absent_colour(clip, rng)
-            return _Expression("", f"the {colour} {shape}", (), f"No {colour} shape appears in the video.")
-        absent = _absent_shape(clip, rng)
-        colour = clip.colours[shape]
-        return _Expression("", f"the {colour} {absent}", (), f"The only {colour} shape in the video is a {shape}.")
+        return _absent_object_expression(clip, rng)
     choices = ["colour", "two"] + (["sound"] if clip.sounding else [])
     choice = choices[int(rng.integers(len(choices)))]
     if choice == "sound":
@@ -318,15 +349,16 @@ def _write_omniavs(
     nulls_per_video: int,
     explanation_rate: float,
     speech_program: str,
+    split_cycle: Sequence[str],
 ) -> SyntheticDataset:
     video_dict: dict[str, dict] = {}
-    lines: dict[str, list[str]] = {split: [] for split in sorted(set(OMNIAVS_SPLIT_CYCLE))}
+    lines: dict[str, list[str]] = {split: [] for split in sorted(set(split_cycle))}
     counts: Counter[str] = Counter()
     nulls: Counter[str] = Counter()
     referrings = root / "referrings"
     for index in range(num_videos):
         video = f"video{index:04d}"
-        split = OMNIAVS_SPLIT_CYCLE[index % len(OMNIAVS_SPLIT_CYCLE)]
+        split = split_cycle[index % len(split_cycle)]
         shapes = [str(s) for s in rng.choice(list(SCENE_SHAPES), size=3, replace=False)]
         clip = _scene(rng, shapes, index % SILENT_EVERY == SILENT_OFFSET, geometry)
         file_names = [f"{t:05d}.jpg" for t in range(len(clip.frames))]
@@ -407,12 +439,17 @@ def _write_masks(root: Path, folder: str, fid: int, masks: np.ndarray) -> None:
 
 
 def _write_refavs(
-    root: Path, rng: np.random.Generator, num_videos: int, geometry: dict, nulls_per_video: int
+    root: Path,
+    rng: np.random.Generator,
+    num_videos: int,
+    geometry: dict,
+    nulls_per_video: int,
+    split_cycle: Sequence[str],
 ) -> SyntheticDataset:
     rows: list[tuple[str, str, str, int, str]] = []
     null_folders = 0
     for index in range(num_videos):
-        split = REFAVS_SPLIT_CYCLE[index % len(REFAVS_SPLIT_CYCLE)]
+        split = split_cycle[index % len(split_cycle)]
         seen = [str(s) for s in rng.permutation(list(SHAPES))]
         # test_u videos hold the unseen class, as Ref-AVS's test_u targets classes absent from training
         shapes = [REFAVS_UNSEEN_SHAPE, *seen[:2]] if split == "test_u" else seen
@@ -446,6 +483,53 @@ def _write_refavs(
     nulls = Counter(row[2] for row in rows if row[1].startswith("null"))
     logger.info("wrote a synthetic Ref-AVS of %d videos, %s rows, to %s", num_videos, dict(counts), root)
     return SyntheticDataset(root, "refavs", num_videos, dict(counts), dict(nulls))
+
+
+# ---------------------------------------------------------------- gRefCOCO
+
+
+def _write_grefcoco(
+    root: Path,
+    rng: np.random.Generator,
+    num_images: int,
+    geometry: dict,
+    nulls_per_image: int,
+    split_cycle: Sequence[str],
+) -> SyntheticDataset:
+    """Still images of three shapes with gRefCOCO refs: each shape, one pair of shapes, and absent shapes (null)."""
+    images, annotations, refs = [], [], []
+    counts: Counter[str] = Counter()
+    nulls: Counter[str] = Counter()
+    single_frame = {**geometry, "num_frames": 1}
+    for index in range(num_images):
+        split = split_cycle[index % len(split_cycle)]
+        shapes = [str(s) for s in rng.choice(list(SCENE_SHAPES), size=3, replace=False)]
+        clip = _scene(rng, shapes, True, single_frame)
+        file_name = f"COCO_train2014_{index:012d}.jpg"
+        _save_image(root / GREFCOCO_IMAGE_DIR / file_name, clip.frames[0])
+        height, width = clip.frames.shape[1:3]
+        images.append({"id": index, "file_name": file_name, "height": height, "width": width})
+        ann_ids = {}
+        for shape in shapes:
+            ann_ids[shape] = len(annotations)
+            annotations.append({"id": len(annotations), "image_id": index, "segmentation": encode_rle(clip.masks[shape][0])})
+        first, second = (str(s) for s in rng.choice(shapes, size=2, replace=False))
+        sentences = [(f"the {_name(clip, shape)}", [ann_ids[shape]]) for shape in shapes]
+        sentences.append((f"the {_name(clip, first)} and the {_name(clip, second)}", [ann_ids[first], ann_ids[second]]))
+        for _ in range(nulls_per_image):
+            sentences.append((_absent_object_expression(clip, rng).text, [-1]))
+        for sentence, ann_id in sentences:
+            refs.append(
+                {"ref_id": len(refs), "image_id": index, "ann_id": ann_id, "split": split, "sentences": [{"sent": sentence}]}
+            )
+            counts[split] += 1
+            nulls[split] += ann_id == [-1]
+    folder = root / "grefcoco"
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_text(folder / "instances.json", json.dumps({"images": images, "annotations": annotations}))
+    _write_text(folder / "grefs(unc).json", json.dumps(refs))
+    logger.info("wrote a synthetic gRefCOCO of %d images, %s expressions, to %s", num_images, dict(counts), root)
+    return SyntheticDataset(root, "grefcoco", num_images, dict(counts), dict(nulls))
 
 
 __all__ = ["FORMATS", "MissingProgramError", "SyntheticDataset", "make_synthetic_dataset", "synthesize_speech"]

@@ -1,6 +1,7 @@
 """OISA's special tokens and an offline tiny Qwen2 tokenizer that carries all of them."""
 
 import json
+from collections.abc import Sequence
 
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import Qwen2Tokenizer
@@ -56,11 +57,11 @@ _TINY_CORPUS = [
 ]
 
 
-def build_tiny_tokenizer(num_merges: int = 123) -> Qwen2Tokenizer:
+def build_tiny_tokenizer(num_merges: int = 123, extra_corpus: Sequence[str] = ()) -> Qwen2Tokenizer:
     """
     A byte-level BPE Qwen2 tokenizer built offline: the 256 byte symbols in GPT-2 order (space = 220, as in Qwen2),
-    `num_merges` merges learned from OISA's prompt strings, then the chat tokens and OISA's 18 special tokens. With
-    the default 123 merges the special-token ids equal those of the original's tiny reference tokenizer.
+    `num_merges` merges learned from OISA's prompt strings (and `extra_corpus`), then the chat tokens and OISA's 18
+    special tokens. With the defaults the special-token ids equal those of the original's tiny reference tokenizer.
     """
     byte_symbols = list(bytes_to_unicode().values())
     trainer = trainers.BpeTrainer(
@@ -71,7 +72,7 @@ def build_tiny_tokenizer(num_merges: int = 123) -> Qwen2Tokenizer:
     )
     learner = Tokenizer(models.BPE())
     learner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    learner.train_from_iterator(_TINY_CORPUS * 8, trainer=trainer)
+    learner.train_from_iterator((_TINY_CORPUS + list(extra_corpus)) * 8, trainer=trainer)
     merges = [tuple(pair.split(" ")) if isinstance(pair, str) else tuple(pair) for pair in json.loads(learner.to_str())["model"]["merges"]]
     merges = merges[:num_merges]
 

@@ -38,6 +38,8 @@ from .training_data import (
 
 logger = logging.getLogger(__name__)
 
+LOGGED_LOSSES = ("loss", "lm_loss", "class_loss", "dice_loss", "bce_loss")
+
 STATE_FILE = "trainer_state.json"
 
 # the dataset formats that train: their reader and how one of its records becomes a sample
@@ -222,6 +224,8 @@ def train(
     progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc="training")
     model.train()
     started, samples_since_log, bad_samples, loss_history = time.perf_counter(), 0, 0, []
+    # the losses of the optimizer steps since the last log line, which reports their means
+    window: dict[str, list[torch.Tensor]] = {name: [] for name in LOGGED_LOSSES}
     failed_in_a_row, last_batch = 0, None
     for batch in batches:
         samples_seen += config.per_device_batch_size
@@ -249,13 +253,17 @@ def train(
             continue
         step += 1
         progress.update(1)
+        for name in LOGGED_LOSSES:
+            if getattr(output, name) is not None:
+                window[name].append(getattr(output, name).detach().float())
         if step % config.logging_steps == 0 or step == total_steps:
             elapsed = time.perf_counter() - started
             logs = {
-                f"loss/{name}": accelerator.reduce(getattr(output, name).detach(), reduction="mean").item()
-                for name in ("loss", "lm_loss", "class_loss", "dice_loss", "bce_loss")
-                if getattr(output, name) is not None
+                f"loss/{name}": accelerator.reduce(torch.stack(values).mean(), reduction="mean").item()
+                for name, values in window.items()
+                if values
             }
+            window = {name: [] for name in LOGGED_LOSSES}
             logs.update(
                 {
                     "lr": scheduler.get_last_lr()[0],
@@ -268,6 +276,7 @@ def train(
             accelerator.log(logs, step=step)
             loss_history.append({"step": step, **{k: v for k, v in logs.items() if k.startswith("loss/")}})
             progress.set_postfix(loss=f"{logs['loss/loss']:.4f}")
+            logger.info("step %d: %s", step, ", ".join(f"{key} {value:.4g}" for key, value in logs.items()))
             started, samples_since_log = time.perf_counter(), 0
         if step % config.save_steps == 0 and step < total_steps:
             _save_checkpoint(accelerator, output_dir, step, samples_seen)

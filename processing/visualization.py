@@ -7,15 +7,21 @@ from PIL import Image, ImageDraw
 MASK_COLOUR = np.array([255, 40, 40], dtype=np.float32)
 
 
-def overlay_mask(frame: Image.Image | np.ndarray, mask: np.ndarray, alpha: float = 0.55) -> np.ndarray:
-    """The frame (H, W, 3) uint8 with the mask tinted red and outlined."""
+def overlay_mask(
+    frame: Image.Image | np.ndarray,
+    mask: np.ndarray,
+    alpha: float = 0.55,
+    colour: tuple[int, int, int] | np.ndarray = MASK_COLOUR,
+) -> np.ndarray:
+    """The frame (H, W, 3) uint8 with the mask tinted (red by default) and outlined."""
+    colour = np.asarray(colour, dtype=np.float32)
     image = np.asarray(frame, dtype=np.float32).copy()
-    image[mask] = (1 - alpha) * image[mask] + alpha * MASK_COLOUR
+    image[mask] = (1 - alpha) * image[mask] + alpha * colour
     edge = mask & ~(
         np.pad(mask, 1, mode="edge")[2:, 1:-1] & np.pad(mask, 1, mode="edge")[:-2, 1:-1]
         & np.pad(mask, 1, mode="edge")[1:-1, 2:] & np.pad(mask, 1, mode="edge")[1:-1, :-2]
     )
-    image[edge] = MASK_COLOUR
+    image[edge] = colour
     return image.clip(0, 255).astype(np.uint8)
 
 

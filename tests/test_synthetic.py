@@ -12,7 +12,7 @@ from processing_oisa.cli import main as oisa_main
 from processing_oisa.datasets_omniavs import EXPRESSION_TYPES, OmniAVSReader
 from processing_oisa.datasets_refavs import RefAVSReader
 from processing_oisa.media import decode_audio
-from processing_oisa.synthetic import SCENE_SHAPES, make_scene
+from processing_oisa.synthetic import BACKGROUND, SCENE_SHAPES, make_scene
 from processing_oisa.synthetic_dataset import MissingProgramError, make_synthetic_dataset
 
 
@@ -126,3 +126,38 @@ def test_command_line(tmp_path, caplog):
     assert len(RefAVSReader(tmp_path / "r", "test_s")) == 6
     assert oisa_main(["make-synthetic", str(tmp_path / "r"), "--format", "refavs", "--videos", "1"]) == 2
     assert "is not empty" in caplog.text
+
+
+@needs_espeak
+def test_one_split_holds_every_video_with_the_same_content(tmp_path, omniavs_root):
+    make_synthetic_dataset(tmp_path / "all", "omniavs", num_videos=4, seed=1, split="train", **SMALL)
+    together = OmniAVSReader(tmp_path / "all", "train")
+    spread = [*OmniAVSReader(omniavs_root, "test"), *OmniAVSReader(omniavs_root, "train")]
+    assert len(together) == len(spread) == 40
+    assert sorted((r.video_id, r.exp_id, r.text, r.expr_type, r.object_ids) for r in together) == sorted(
+        (r.video_id, r.exp_id, r.text, r.expr_type, r.object_ids) for r in spread
+    )
+    assert (tmp_path / "all" / "video_dict.json").read_bytes() == (omniavs_root / "video_dict.json").read_bytes()
+    with pytest.raises(ValueError, match="split must be one of"):
+        make_synthetic_dataset(tmp_path / "bad", "omniavs", num_videos=1, split="val")
+
+
+def test_grefcoco_images_read_back_with_their_masks(tmp_path):
+    from processing_oisa.training_image import GRefCOCOReader, decode_coco_segmentation
+
+    make_synthetic_dataset(tmp_path / "g", "grefcoco", num_videos=8, seed=4, **SMALL)
+    train, val = GRefCOCOReader(tmp_path / "g", "train"), GRefCOCOReader(tmp_path / "g", "val")
+    assert (len(train), len(val)) == (6, 2)
+    for record in [*train, *val]:
+        image = np.asarray(Image.open(record.image_path).convert("RGB"))
+        assert image.shape == (SMALL["height"], SMALL["width"], 3)
+        texts = [expression.text for expression in record.expressions]
+        # each of the three shapes, one pair, and two null expressions naming what is not there
+        assert len(texts) == 6 and sum(" and " in text for text in texts) == 1
+        assert sum(not expression.ann_ids for expression in record.expressions) == 2
+        for expression in record.expressions:
+            masks = [decode_coco_segmentation(record.segmentations[a], record.height, record.width) for a in expression.ann_ids]
+            for mask in masks:
+                # the mask covers a shape's colour, far from the background's
+                assert mask.any()
+                assert np.abs(image[mask].mean(axis=0) - np.array(BACKGROUND)).max() > 60
