@@ -23,7 +23,7 @@ from .modeling_oisa import (
     OisaPreTrainedModel,
 )
 from .pretrained import TINY_SYNTHETIC_NAME, resolve_model_name, tiny_synthetic_path
-from .tiny import init_tiny_synthetic_attention, tiny_oisa_config, tiny_synthetic_config
+from .tiny import init_tiny_synthetic_weights, tiny_oisa_config, tiny_synthetic_config
 from .training import TrainingSetup, apply_training_setup, merge_training_setup
 
 
@@ -63,7 +63,7 @@ __all__ = [
     "merge_training_setup",
     "resolve_model_name",
     "TINY_SYNTHETIC_NAME",
-    "init_tiny_synthetic_attention",
+    "init_tiny_synthetic_weights",
     "tiny_oisa_config",
     "tiny_synthetic_config",
     "tiny_synthetic_path",

@@ -25,7 +25,7 @@ def write_tiny_random(output_dir: Path, seed: int, preset: str = "reference") ->
     """
     from modeling_oisa import (
         OisaForReferringSegmentation,
-        init_tiny_synthetic_attention,
+        init_tiny_synthetic_weights,
         tiny_oisa_config,
         tiny_synthetic_config,
     )
@@ -56,7 +56,7 @@ def write_tiny_random(output_dir: Path, seed: int, preset: str = "reference") ->
     torch.manual_seed(seed)
     model = OisaForReferringSegmentation(config)
     if preset == "synthetic":
-        init_tiny_synthetic_attention(model.language_model)
+        init_tiny_synthetic_weights(model)
     model.generation_config.eos_token_id = ids("<|im_end|>")
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     processor = OisaProcessor.from_model_config(config, tokenizer)

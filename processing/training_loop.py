@@ -39,6 +39,7 @@ from .training_data import (
 logger = logging.getLogger(__name__)
 
 LOGGED_LOSSES = ("loss", "lm_loss", "class_loss", "dice_loss", "bce_loss")
+LOSS_WEIGHT_NAMES = ("lm_loss_weight", "class_loss_weight", "dice_loss_weight", "bce_loss_weight")
 
 STATE_FILE = "trainer_state.json"
 
@@ -82,6 +83,8 @@ class StageConfig:
     shuffle_buffer: int = 1000
     seed: int = 42
     profile: str | None = None
+    # the model's loss weights for this stage (`lm_loss_weight`, `dice_loss_weight`...), saved with the final model
+    loss_weights: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "StageConfig":
@@ -166,6 +169,10 @@ def train(
     processor = AutoProcessor.from_pretrained(model_path)
     model = AutoModel.from_pretrained(model_path, dtype=torch.float32)
     profile = config.profile or model.config.profile
+    for name, weight in config.loss_weights.items():
+        if name not in LOSS_WEIGHT_NAMES:
+            raise ValueError(f"loss_weights: {name!r} is not one of {LOSS_WEIGHT_NAMES}")
+        setattr(model.config, name, weight)
     if config.gradient_checkpointing:
         model.activation_checkpointing_enable()
     new_token_ids = processor.tokenizer.convert_tokens_to_ids(OISA_SPECIAL_TOKENS) if config.train_new_token_rows else []

@@ -44,12 +44,13 @@ def workspace(tmp_path_factory):
     return root
 
 
-def run_train(workspace, output, *extra, processes=1, batch=None, background=False):
+def run_train(workspace, output, *extra, processes=1, batch=None, background=False, **settings):
     config = workspace / "stage.json"
     if batch is not None:
-        values = json.loads(config.read_text())
-        values["per_device_batch_size"] = batch
-        config = workspace / f"stage_batch{batch}.json"
+        settings["per_device_batch_size"] = batch
+    if settings:
+        values = {**json.loads(config.read_text()), **settings}
+        config = output.parent / f"{output.name}-stage.json"
         config.write_text(json.dumps(values))
     # accelerate's `--cpu` launcher starts a single process: several CPU processes need `--multi_gpu` (torchrun, gloo)
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu" if processes > 1 else "--cpu",
@@ -97,6 +98,15 @@ def test_lora_touches_only_the_language_model(workspace):
     assert trainable_towers == {"language_model", "lm_head", "vision_adapter", "mask_head"}
     frozen = [name for name, p in wrapped.named_parameters() if ("vision_tower" in name or "audio_tower" in name) and p.requires_grad]
     assert not frozen
+
+
+def test_a_stage_sets_the_loss_weights_it_trains_with(workspace, tmp_path):
+    state = run_train(workspace, tmp_path / "run", "--max-steps", "1", "--merge", loss_weights={"lm_loss_weight": 0.25})
+    assert len(state["log_history"]) == 1
+    saved = json.loads((tmp_path / "run" / "final-merged" / "config.json").read_text())
+    assert saved["lm_loss_weight"] == 0.25 and saved["dice_loss_weight"] == 2.0
+    with pytest.raises(AssertionError, match="is not one of"):
+        run_train(workspace, tmp_path / "bad", "--max-steps", "1", loss_weights={"mask_loss_weight": 1.0})
 
 
 def test_merge_gives_the_unmerged_outputs(workspace):
