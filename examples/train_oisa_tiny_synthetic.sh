@@ -4,7 +4,7 @@
 #
 #   bash examples/train_oisa_tiny_synthetic.sh [WORK_DIR]
 #
-# About 45 minutes on 2 CPU cores; WORK_DIR (default: tiny-synthetic-run) must not exist yet.
+# About 40 minutes on 2 CPU cores; WORK_DIR (default: tiny-synthetic-run) must not exist yet.
 set -euo pipefail
 
 WORK=${1:-tiny-synthetic-run}
@@ -25,26 +25,42 @@ oisa make-synthetic "$WORK/data/omniavs" --format omniavs --videos 600 --seed 11
 # the untrained model; from seed 2 the [SEG] state of different expressions already differs (see tiny.py)
 oisa tiny-random "$WORK/init" --preset synthetic --seed 2
 
-# part 1: still images, 3000 steps; part 2: audio-visual clips, 4500 steps
+# part 1: 3000 steps of 8 still images; part 2: 4500 steps of 4 samples, clips and still images mixed
 "${TRAIN[@]}" --config "$REPO/configs/oisa_tiny_synthetic_images.json" --model "$WORK/init" \
     --output-dir "$WORK/images" --data grefcoco="$WORK/data/images"
-"${TRAIN[@]}" --config "$REPO/configs/oisa_tiny_synthetic.json" --model "$WORK/images/final" \
-    --output-dir "$WORK/omniavs" --data omniavs="$WORK/data/omniavs"
+"${TRAIN[@]}" --config "$REPO/configs/oisa_tiny_synthetic.json" --model "$WORK/images/final" --output-dir "$WORK/train" \
+    --data omniavs="$WORK/data/omniavs" --data grefcoco="$WORK/data/images"
 
 # held-out clips from another seed, as tests/test_tiny_synthetic.py makes them; the card gets their numbers
 oisa make-synthetic "$WORK/data/held-out" --format omniavs --videos 40 --seed 2026 --split test
-accelerate launch --cpu --num_processes 1 "$REPO/eval.py" --model "$WORK/omniavs/final" --dataset omniavs \
+accelerate launch --cpu --num_processes 1 "$REPO/eval.py" --model "$WORK/train/final" --dataset omniavs \
     --data-root "$WORK/data/held-out" --out "$WORK/eval" --card "$WORK/card" --card-template oisa-tiny-synthetic \
     --card-field repo_id=oisa-tiny-synthetic \
     --card-field training_data="oisa make-synthetic: 3000 still images (seed 12) and 600 clips (seed 11)" \
-    --card-field training="examples/train_oisa_tiny_synthetic.sh: configs/oisa_tiny_synthetic_images.json, then configs/oisa_tiny_synthetic.json, on CPU"
+    --card-field training="examples/train_oisa_tiny_synthetic.sh: configs/oisa_tiny_synthetic_images.json (3000 steps), then configs/oisa_tiny_synthetic.json (4500 steps), on 2 CPU cores"
+
+# only a model that meets the targets is installed: J&F >= 0.8 overall and per type, null expressions answered
+# "No target matches this expression." at least 90% of the time
+python - "$WORK/eval" <<'PY'
+import json, sys
+from pathlib import Path
+
+out = Path(sys.argv[1])
+segmentation = json.loads((out / "metrics.json").read_text())["segmentation"]
+lines = [json.loads(line) for path in sorted(out.glob("results-*.jsonl")) for line in path.read_text().splitlines()]
+nulls = [line["answer"].startswith("No target matches this expression.") for line in lines if line["is_null"]]
+scores = {name: split["J&F"] for name, split in segmentation["splits"].items()}
+print(f"J&F {segmentation['J&F']:.3f}; per type {scores}; nulls answered {sum(nulls)}/{len(nulls)}")
+if segmentation["J&F"] < 0.8 or min(scores.values()) < 0.8 or sum(nulls) < 0.9 * len(nulls):
+    sys.exit("below the targets: not installed")
+PY
 
 # the shipped folder: weights, configs, processor and card; the code comes from the package (oisa push adds it)
 rm -rf "$DEST"
 mkdir -p "$DEST"
 for file in config.json generation_config.json model.safetensors processor_config.json tokenizer.json \
     tokenizer_config.json chat_template.jinja; do
-    cp "$WORK/omniavs/final/$file" "$DEST/"
+    cp "$WORK/train/final/$file" "$DEST/"
 done
 cp "$WORK/card/README.md" "$DEST/README.md"
 echo "installed OISA-tiny-synthetic in $DEST"

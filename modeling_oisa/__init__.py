@@ -22,7 +22,7 @@ from .modeling_oisa import (
     OisaOutput,
     OisaPreTrainedModel,
 )
-from .pretrained import TINY_SYNTHETIC_NAME, resolve_model_name, tiny_synthetic_path
+from .pretrained import TINY_SYNTHETIC_NAME, MissingCheckpointError, resolve_model_name, tiny_synthetic_path
 from .tiny import init_tiny_synthetic_weights, tiny_oisa_config, tiny_synthetic_config
 from .training import TrainingSetup, apply_training_setup, merge_training_setup
 
@@ -61,6 +61,7 @@ __all__ = [
     "build_stage1_model",
     "convert_original_checkpoint",
     "merge_training_setup",
+    "MissingCheckpointError",
     "resolve_model_name",
     "TINY_SYNTHETIC_NAME",
     "init_tiny_synthetic_weights",

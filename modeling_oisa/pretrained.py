@@ -8,6 +8,10 @@ CHECKPOINTS_DIR = Path(__file__).resolve().parent / "checkpoints"
 SHIPPED_CHECKPOINTS = {TINY_SYNTHETIC_NAME: CHECKPOINTS_DIR / TINY_SYNTHETIC_NAME}
 
 
+class MissingCheckpointError(FileNotFoundError):
+    """A checkpoint that should ship with the package is not in this installation."""
+
+
 def tiny_synthetic_path() -> Path:
     """
     The folder of OISA-tiny-synthetic, the small OISA trained on the synthetic moving-shapes task that ships with the
@@ -15,7 +19,10 @@ def tiny_synthetic_path() -> Path:
     """
     path = SHIPPED_CHECKPOINTS[TINY_SYNTHETIC_NAME]
     if not (path / "model.safetensors").is_file():
-        raise FileNotFoundError(f"OISA-tiny-synthetic is missing from this installation: no {path / 'model.safetensors'}")
+        raise MissingCheckpointError(
+            f"OISA-tiny-synthetic is not in this installation (no {path / 'model.safetensors'}); "
+            "train it with examples/train_oisa_tiny_synthetic.sh or name another model with --model"
+        )
     return path
 
 

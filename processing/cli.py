@@ -329,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
-    from modeling_oisa import OisaCheckpointError
+    from modeling_oisa import MissingCheckpointError, OisaCheckpointError
 
     from .media import OisaInputError
 
@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             from .demo import run_demo
 
             run_demo(args.out, args.model, args.seed, args.device)
-    except (OisaInputError, OisaCheckpointError) as error:
+    except (OisaInputError, OisaCheckpointError, MissingCheckpointError) as error:
         logger.error("oisa %s: %s", args.command, error)
         return 2
     return 0

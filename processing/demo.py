@@ -100,12 +100,12 @@ def run_demo(out_dir: Path, model: str, seed: int = 0, device: str | None = None
 
     from .inference import OisaVideoSegmenter
 
+    model_path = resolve_model_name(model)
     out_dir.mkdir(parents=True, exist_ok=True)
     clip = demo_clip(seed)
     fps = clip.fps
     write_video(out_dir / "clip.mp4", clip.frames, fps, audio=clip.soundtrack, sampling_rate=SAMPLING_RATE)
     torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model_path = resolve_model_name(model)
     segmenter = OisaVideoSegmenter(
         AutoModel.from_pretrained(model_path).to(torch_device).eval(), AutoProcessor.from_pretrained(model_path)
     )
