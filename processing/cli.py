@@ -193,12 +193,12 @@ def init_from_parts(internvl2: Path, whisper: Path, adapter: Path, output_dir: P
 
 
 def make_synthetic(out: Path, dataset_format: str, num_videos: int, seed: int, split: str | None = None) -> int:
-    """`oisa make-synthetic`: a synthetic OmniAVS or Ref-AVS dataset of moving shapes; 2 when it cannot be written."""
+    """`oisa make-synthetic`: a synthetic OmniAVS, Ref-AVS or gRefCOCO dataset of shapes; 2 when it cannot be written."""
     from .synthetic_dataset import MissingProgramError, make_synthetic_dataset
 
     try:
         make_synthetic_dataset(out, dataset_format, num_videos, seed, split=split)
-    except (MissingProgramError, FileExistsError) as error:
+    except (MissingProgramError, FileExistsError, ValueError) as error:
         logger.error("oisa make-synthetic: %s", error)
         return 2
     return 0
@@ -267,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     parts.add_argument("output_dir", type=Path, help="folder to write the model and tokenizer to")
 
     synthetic = commands.add_parser(
-        "make-synthetic", help="write a synthetic OmniAVS or Ref-AVS dataset of moving shapes (OmniAVS needs espeak-ng)"
+        "make-synthetic",
+        help="write a synthetic OmniAVS, Ref-AVS or gRefCOCO dataset of moving shapes (OmniAVS needs espeak-ng)",
     )
     synthetic.add_argument("out", type=Path, help="folder to write the dataset to (new or empty)")
     synthetic.add_argument(
@@ -308,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--explain", action="store_true", help="ask the model to explain its answer")
     segment.add_argument("--soundtrack", type=Path, help="the video's audio as a separate file (default: its own)")
     segment.add_argument(
-        "--model", help="checkpoint folder, Hub id or oisa-tiny-synthetic (the default, which ships with the package)"
+        "--model", help="checkpoint folder, Hub id or oisa-tiny-synthetic (the default)"
     )
     segment.add_argument("--out", required=True, type=Path, help="output folder")
     segment.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when available)")
