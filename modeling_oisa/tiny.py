@@ -12,6 +12,19 @@ if TYPE_CHECKING:
     from .modeling_oisa import OisaForReferringSegmentation
 
 
+# the InternViT of the tiny models, 4 layers 64 wide; each sets its own image and patch size
+TINY_VISION = {
+    "hidden_size": 64,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "intermediate_size": 128,
+    "attention_bias": True,
+    "use_qk_norm": False,
+    "norm_type": "layer_norm",
+    "layer_norm_eps": 1e-6,
+    "hidden_act": "gelu",
+    "use_mean_pooling": True,
+}
 # std of the LLM's query and key projections in OISA-tiny-synthetic before training (initializer_range is 0.02)
 SYNTHETIC_ATTENTION_INIT_STD = 0.3
 # factor on the initial weights of the [SEG] projection's last layer
@@ -35,20 +48,7 @@ def tiny_oisa_config(
     tokenizer that `processing_oisa` builds.
     """
     config = {
-        "vision_config": {
-            "hidden_size": 64,
-            "num_hidden_layers": 4,
-            "num_attention_heads": 4,
-            "intermediate_size": 128,
-            "attention_bias": True,
-            "use_qk_norm": False,
-            "norm_type": "layer_norm",
-            "layer_norm_eps": 1e-6,
-            "hidden_act": "gelu",
-            "image_size": 224,
-            "patch_size": 14,
-            "use_mean_pooling": True,
-        },
+        "vision_config": {**TINY_VISION, "image_size": 224, "patch_size": 14},
         "text_config": {
             "model_type": "qwen2",
             "hidden_size": 64,
@@ -106,20 +106,6 @@ def tiny_synthetic_config(
     moving-shapes task (128-pixel frames in 16-pixel patches, a 3-layer 128-wide Qwen2, a 64-wide mask head), under
     the `fixed` profile. The token ids are those of the synthetic tokenizer.
     """
-    vision = {
-        "hidden_size": 64,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "intermediate_size": 128,
-        "attention_bias": True,
-        "use_qk_norm": False,
-        "norm_type": "layer_norm",
-        "layer_norm_eps": 1e-6,
-        "hidden_act": "gelu",
-        "image_size": 128,
-        "patch_size": 16,
-        "use_mean_pooling": True,
-    }
     text = {
         "model_type": "qwen2",
         "hidden_size": 128,
@@ -144,7 +130,7 @@ def tiny_synthetic_config(
         sub_audio_token_id=sub_audio_token_id,
         bos_token_id=bos_token_id,
         eos_token_id=eos_token_id,
-        vision_config=vision,
+        vision_config={**TINY_VISION, "image_size": 128, "patch_size": 16},
         text_config=text,
         mask_hidden_dim=64,
         mask_feature_dim=64,
