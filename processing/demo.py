@@ -28,6 +28,7 @@ DEMO_COLOURS = ("red", "green", "blue")
 DEMO_SOUNDING = "square"
 # a colour and a shape that are not in the demo clip, for the null expression
 ABSENT_NAME = "the purple diamond"
+SPOKEN_TEXT = "the blue triangle"
 DEMO_TINT = (0, 200, 255)
 
 
@@ -38,6 +39,11 @@ class DemoCase:
     label: str
     expression: OisaExpression
     targets: tuple[str, ...]
+
+    @property
+    def description(self) -> str:
+        words = self.expression.text if self.expression.text is not None else f"(spoken) {SPOKEN_TEXT}"
+        return f"{self.label}: {words}"
 
 
 def demo_clip(seed: int) -> SyntheticClip:
@@ -54,37 +60,34 @@ def demo_cases(clip: SyntheticClip, speech_dir: Path | None) -> list[DemoCase]:
         DemoCase("text + sound", OisaExpression(text="the shape making the sound <audio>", sound=sound), ("square",)),
         DemoCase(
             "text + image",
-            OisaExpression(text="the shape that looks like <image>", image=Image.fromarray(shape_crop(clip, "triangle"))),
+            OisaExpression(
+                text="the shape that looks like <image>", image=Image.fromarray(shape_crop(clip, "triangle"))
+            ),
             ("triangle",),
         ),
         DemoCase("text, null", OisaExpression(text=ABSENT_NAME), ()),
     ]
     if speech_dir is not None:
         speech_path = speech_dir / "speech.wav"
-        synthesize_speech(shutil.which(SPEECH_PROGRAM), "the blue triangle", speech_path)
+        synthesize_speech(shutil.which(SPEECH_PROGRAM), SPOKEN_TEXT, speech_path)
         cases.insert(1, DemoCase("speech", OisaExpression(speech=speech_path), ("triangle",)))
     return cases
 
 
-def _describe(case: DemoCase) -> str:
-    expression = case.expression
-    words = expression.text if expression.text is not None else "(spoken) the blue triangle"
-    return f"{case.label}: {words}"
-
-
-def demo_picture(clip: SyntheticClip, cases: list[DemoCase], results, frame_indices: list[int]) -> Image.Image:
-    """One row per expression: its text and answer, then the chosen frames with the predicted mask tinted."""
+def demo_picture(
+    cases: list[DemoCase], answers: list[str], overlays: list[np.ndarray], frame_indices: list[int]
+) -> Image.Image:
+    """One row per expression: its text and answer, then the chosen frames of its overlays (T, H, W, 3)."""
     scale, caption = 2, 30
-    height, width = clip.frames.shape[1] * scale, clip.frames.shape[2] * scale
+    height, width = overlays[0].shape[1] * scale, overlays[0].shape[2] * scale
     sheet = Image.new("RGB", (len(frame_indices) * width, len(cases) * (height + caption)), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
-    for row, (case, result) in enumerate(zip(cases, results)):
+    for row, (case, answer, frames) in enumerate(zip(cases, answers, overlays)):
         top = row * (height + caption)
-        draw.text((4, top + 2), _describe(case), fill=(0, 0, 0))
-        draw.text((4, top + 15), f"answer: {result.answer}", fill=(60, 60, 160))
+        draw.text((4, top + 2), case.description, fill=(0, 0, 0))
+        draw.text((4, top + 15), f"answer: {answer}", fill=(60, 60, 160))
         for column, index in enumerate(frame_indices):
-            tile = overlay_mask(clip.frames[index], result.masks[index], colour=DEMO_TINT)
-            tile = Image.fromarray(tile).resize((width, height), Image.Resampling.NEAREST)
+            tile = Image.fromarray(frames[index]).resize((width, height), Image.Resampling.NEAREST)
             sheet.paste(tile, (column * width, top + caption))
     return sheet
 
@@ -117,19 +120,23 @@ def run_demo(out_dir: Path, model: str, seed: int = 0, device: str | None = None
         results = segmenter(out_dir / "clip.mp4", [case.expression for case in cases], soundtrack=clip.soundtrack)
 
     summary = {"model": model, "seed": seed, "frames": len(clip.frames), "expressions": []}
+    all_overlays = []
     for number, (case, result) in enumerate(zip(cases, results)):
         truth = np.zeros_like(clip.frames[..., 0], dtype=bool)
         for shape in case.targets:
             truth |= clip.masks[shape]
         score = score_expression(result.masks, truth)
         name = f"{number:02d}-{case.label.replace(' + ', '-').replace(', ', '-').replace(' ', '-')}"
-        overlays = np.stack([overlay_mask(frame, mask, colour=DEMO_TINT) for frame, mask in zip(clip.frames, result.masks)])
+        overlays = np.stack(
+            [overlay_mask(frame, mask, colour=DEMO_TINT) for frame, mask in zip(clip.frames, result.masks)]
+        )
         write_video(out_dir / f"{name}.mp4", overlays, fps)
+        all_overlays.append(overlays)
         summary["expressions"].append(
             {
                 "name": name,
                 "type": result.expression_type,
-                "expression": _describe(case),
+                "expression": case.description,
                 "answer": result.answer,
                 "targets": list(case.targets),
                 "J": score.j,
@@ -137,9 +144,10 @@ def run_demo(out_dir: Path, model: str, seed: int = 0, device: str | None = None
                 "J&F": score.jf,
             }
         )
-        logger.info("%s -> %s (J&F %.3f)", _describe(case), result.answer, score.jf)
+        logger.info("%s -> %s (J&F %.3f)", case.description, result.answer, score.jf)
     frame_indices = np.linspace(0, len(clip.frames) - 1, 4).round().astype(int).tolist()
-    demo_picture(clip, cases, results, frame_indices).save(out_dir / "demo.png")
+    answers = [result.answer for result in results]
+    demo_picture(cases, answers, all_overlays, frame_indices).save(out_dir / "demo.png")
     temporary = out_dir / "result.json.tmp"
     temporary.write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     temporary.replace(out_dir / "result.json")

@@ -512,15 +512,23 @@ def _write_grefcoco(
         ann_ids = {}
         for shape in shapes:
             ann_ids[shape] = len(annotations)
-            annotations.append({"id": len(annotations), "image_id": index, "segmentation": encode_rle(clip.masks[shape][0])})
+            rle = encode_rle(clip.masks[shape][0])
+            annotations.append({"id": len(annotations), "image_id": index, "segmentation": rle})
         first, second = (str(s) for s in rng.choice(shapes, size=2, replace=False))
         sentences = [(f"the {_name(clip, shape)}", [ann_ids[shape]]) for shape in shapes]
-        sentences.append((f"the {_name(clip, first)} and the {_name(clip, second)}", [ann_ids[first], ann_ids[second]]))
+        pair = f"the {_name(clip, first)} and the {_name(clip, second)}"
+        sentences.append((pair, [ann_ids[first], ann_ids[second]]))
         for _ in range(nulls_per_image):
             sentences.append((_absent_object_expression(clip, rng).text, [-1]))
         for sentence, ann_id in sentences:
             refs.append(
-                {"ref_id": len(refs), "image_id": index, "ann_id": ann_id, "split": split, "sentences": [{"sent": sentence}]}
+                {
+                    "ref_id": len(refs),
+                    "image_id": index,
+                    "ann_id": ann_id,
+                    "split": split,
+                    "sentences": [{"sent": sentence}],
+                }
             )
             counts[split] += 1
             nulls[split] += ann_id == [-1]

@@ -156,8 +156,8 @@ def test_grefcoco_images_read_back_with_their_masks(tmp_path):
         assert len(texts) == 6 and sum(" and " in text for text in texts) == 1
         assert sum(not expression.ann_ids for expression in record.expressions) == 2
         for expression in record.expressions:
-            masks = [decode_coco_segmentation(record.segmentations[a], record.height, record.width) for a in expression.ann_ids]
-            for mask in masks:
+            for ann_id in expression.ann_ids:
+                mask = decode_coco_segmentation(record.segmentations[ann_id], record.height, record.width)
                 # the mask covers a shape's colour, far from the background's
                 assert mask.any()
                 assert np.abs(image[mask].mean(axis=0) - np.array(BACKGROUND)).max() > 60

@@ -81,7 +81,8 @@ def test_demo_writes_its_pictures_videos_and_scores(shipped, tmp_path):
     assert summary["model"] == "oisa-tiny-synthetic" and summary["frames"] == 8
     entries = summary["expressions"]
     assert [entry["type"] for entry in entries] == ["text", "speech", "text", "text_sound", "text_image", "text"]
-    assert [entry["targets"] for entry in entries] == [["circle"], ["triangle"], ["square"], ["square"], ["triangle"], []]
+    targets = [entry["targets"] for entry in entries]
+    assert targets == [["circle"], ["triangle"], ["square"], ["square"], ["triangle"], []]
     for entry in entries:
         assert 0.0 <= entry["J&F"] <= 1.0 and (out / f"{entry['name']}.mp4").stat().st_size > 0
         # an untrained model: a null expression scores 1 exactly when nothing is segmented
