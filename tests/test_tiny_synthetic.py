@@ -66,7 +66,7 @@ def test_synthetic_preset(synthetic_preset):
     from safetensors.torch import load_file
 
     weights = load_file(synthetic_preset / "model.safetensors")
-    assert 0.25 < weights["language_model.layers.0.self_attn.q_proj.weight"].std() < 0.35
+    assert 0.08 < weights["language_model.layers.0.self_attn.q_proj.weight"].std() < 0.12
     assert weights["language_model.layers.0.mlp.up_proj.weight"].std() < 0.03
     projection = weights["mask_head.query_decoder.seg_token_projection.1.0.weight"]
     # 16 times the default init, whose bound is 1/sqrt(fan_in)
