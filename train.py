@@ -21,7 +21,9 @@ from processing_oisa.training_loop import StageConfig, train
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="stage config file (configs/*.json)")
-    parser.add_argument("--model", required=True, help="checkpoint to start from (folder, Hub id or oisa-tiny-synthetic)")
+    parser.add_argument(
+        "--model", required=True, help="checkpoint to start from (folder, Hub id or oisa-tiny-synthetic)"
+    )
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--data", action="append", default=[], metavar="NAME=ROOT", help="root of a mixture dataset")
     parser.add_argument("--max-steps", type=int, help="optimizer steps (default: the config's epochs)")

@@ -28,16 +28,17 @@ oisa tiny-random "$WORK/init" --preset synthetic --seed 0
 # part 1: 1500 steps of 8 still images; part 2: 4500 steps of 4 samples, clips and still images mixed
 "${TRAIN[@]}" --config "$REPO/configs/oisa_tiny_synthetic_images.json" --model "$WORK/init" \
     --output-dir "$WORK/images" --data grefcoco="$WORK/data/images"
-"${TRAIN[@]}" --config "$REPO/configs/oisa_tiny_synthetic.json" --model "$WORK/images/final" --output-dir "$WORK/train" \
-    --data omniavs="$WORK/data/omniavs" --data grefcoco="$WORK/data/images"
+"${TRAIN[@]}" --config "$REPO/configs/oisa_tiny_synthetic.json" --model "$WORK/images/final" \
+    --output-dir "$WORK/train" --data omniavs="$WORK/data/omniavs" --data grefcoco="$WORK/data/images"
 
-# held-out clips from another seed, as tests/test_tiny_synthetic.py makes them; the card gets their numbers
+# 40 held-out clips from another seed (2026); the card gets their numbers
 oisa make-synthetic "$WORK/data/held-out" --format omniavs --videos 40 --seed 2026 --split test
 accelerate launch --cpu --num_processes 1 "$REPO/eval.py" --model "$WORK/train/final" --dataset omniavs \
     --data-root "$WORK/data/held-out" --out "$WORK/eval" --card "$WORK/card" --card-template oisa-tiny-synthetic \
     --card-field repo_id=oisa-tiny-synthetic \
     --card-field training_data="oisa make-synthetic: 3000 still images (seed 12) and 600 clips (seed 11)" \
-    --card-field training="examples/train_oisa_tiny_synthetic.sh: configs/oisa_tiny_synthetic_images.json (1500 steps), then configs/oisa_tiny_synthetic.json (4500 steps), on 2 CPU cores"
+    --card-field training="examples/train_oisa_tiny_synthetic.sh: configs/oisa_tiny_synthetic_images.json\
+ (1500 steps), then configs/oisa_tiny_synthetic.json (4500 steps), on 2 CPU cores"
 
 # only a model that meets the targets is installed: J&F >= 0.8 overall and per type, null expressions answered
 # "No target matches this expression." at least 90% of the time

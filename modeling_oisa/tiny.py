@@ -31,6 +31,34 @@ SYNTHETIC_ATTENTION_INIT_STD = 0.1
 SYNTHETIC_SEG_PROJECTION_GAIN = 16.0
 
 
+def _tiny_qwen2_config(
+    vocab_size: int,
+    bos_token_id: int,
+    eos_token_id: int,
+    hidden_size: int,
+    num_layers: int,
+    max_positions: int,
+    rope_theta: float,
+) -> dict:
+    """The Qwen2 `text_config` of a tiny OISA: 4 heads over 2 key-value heads, an MLP twice the width, untied head."""
+    return {
+        "model_type": "qwen2",
+        "hidden_size": hidden_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 2 * hidden_size,
+        "hidden_act": "silu",
+        "vocab_size": vocab_size,
+        "max_position_embeddings": max_positions,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_theta": rope_theta, "rope_type": "default"},
+        "tie_word_embeddings": False,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+    }
+
+
 def tiny_oisa_config(
     vocab_size: int = 400,
     image_token_id: int = 384,
@@ -49,22 +77,9 @@ def tiny_oisa_config(
     """
     config = {
         "vision_config": {**TINY_VISION, "image_size": 224, "patch_size": 14},
-        "text_config": {
-            "model_type": "qwen2",
-            "hidden_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "intermediate_size": 128,
-            "hidden_act": "silu",
-            "vocab_size": vocab_size,
-            "max_position_embeddings": 32768,
-            "rms_norm_eps": 1e-6,
-            "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"},
-            "tie_word_embeddings": False,
-            "bos_token_id": bos_token_id,
-            "eos_token_id": eos_token_id,
-        },
+        "text_config": _tiny_qwen2_config(
+            vocab_size, bos_token_id, eos_token_id, hidden_size=64, num_layers=2, max_positions=32768, rope_theta=1e6
+        ),
         "audio_config": {
             "model_type": "whisper",
             "d_model": 64,
@@ -91,7 +106,6 @@ def tiny_oisa_config(
     return OisaConfig(**config)
 
 
-
 def tiny_synthetic_config(
     vocab_size: int,
     image_token_id: int,
@@ -106,22 +120,9 @@ def tiny_synthetic_config(
     moving-shapes task (128-pixel frames in 16-pixel patches, a 3-layer 128-wide Qwen2, a 64-wide mask head), under
     the `fixed` profile. The token ids are those of the synthetic tokenizer.
     """
-    text = {
-        "model_type": "qwen2",
-        "hidden_size": 128,
-        "num_hidden_layers": 3,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "intermediate_size": 256,
-        "hidden_act": "silu",
-        "vocab_size": vocab_size,
-        "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-6,
-        "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
-        "tie_word_embeddings": False,
-        "bos_token_id": bos_token_id,
-        "eos_token_id": eos_token_id,
-    }
+    text = _tiny_qwen2_config(
+        vocab_size, bos_token_id, eos_token_id, hidden_size=128, num_layers=3, max_positions=4096, rope_theta=1e4
+    )
     return tiny_oisa_config(
         vocab_size=vocab_size,
         image_token_id=image_token_id,
@@ -153,7 +154,7 @@ def init_tiny_synthetic_weights(model: "OisaForReferringSegmentation") -> None:
       are near zero, the `[SEG]` position averages the whole prompt evenly and its state barely depends on the
       expression (states of different expressions differ by 0.1% of their norm); at 0.3 the softmax saturates on one
       token and training finds a single feature (the word "triangle") that it cannot leave; at 0.1 (logits of std
-      about 1) the `[SEG]` state learns to follow the colour word;
+      about 1) the `[SEG]` state learns to follow the colour word or the shape word, depending on the draw;
     - the `[SEG]` projection's last layer scaled up so that the query it gives the mask decoder is as large as the
       image memory the decoder adds to it (its level embeddings have std 1); a small query is erased by the
       decoder's first post-norm residual and no mask depends on it.

@@ -193,7 +193,7 @@ def init_from_parts(internvl2: Path, whisper: Path, adapter: Path, output_dir: P
 
 
 def make_synthetic(out: Path, dataset_format: str, num_videos: int, seed: int, split: str | None = None) -> int:
-    """`oisa make-synthetic`: a synthetic OmniAVS, Ref-AVS or gRefCOCO dataset of shapes; 2 when it cannot be written."""
+    """`oisa make-synthetic`: a synthetic OmniAVS, Ref-AVS or gRefCOCO dataset; 2 when it cannot be written."""
     from .synthetic_dataset import MissingProgramError, make_synthetic_dataset
 
     try:

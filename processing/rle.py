@@ -153,4 +153,3 @@ def decode_union(
                 raise RleError(f"{label} {name}, frame {index}: mask {mask.shape} is not the frame size {tuple(size)}")
             masks[row] |= mask
     return masks
-

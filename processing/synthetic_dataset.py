@@ -144,7 +144,7 @@ def make_synthetic_dataset(
 
 
 def expression_corpus() -> list[str]:
-    """Sentences holding every word of the synthetic expressions and explanations, to learn a tokenizer's merges from."""
+    """Sentences with every word of the synthetic expressions and explanations, to learn tokenizer merges from."""
     names = [f"the {colour} {shape}" for colour in SCENE_COLOURS for shape in SCENE_SHAPES]
     return [
         " and ".join(names),

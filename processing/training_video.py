@@ -84,7 +84,8 @@ class VideoExpressionRecord:
         if any(not 0 <= index < self.num_frames for index in indices):
             raise IndexError(f"frame indices {indices} out of range for {self.num_frames} frames")
         try:
-            return decode_union(list(zip(self.anno_ids, self.anno_rles)), indices, self.frame_size(), label="annotation")
+            annotations = list(zip(self.anno_ids, self.anno_rles))
+            return decode_union(annotations, indices, self.frame_size(), label="annotation")
         except RleError as error:
             raise self._error(str(error)) from error
 
