@@ -192,12 +192,14 @@ def init_from_parts(internvl2: Path, whisper: Path, adapter: Path, output_dir: P
     logger.info("wrote the stage-1 OISA to %s; freshly initialised: %s", output_dir, ", ".join(fresh_modules))
 
 
-def make_synthetic(out: Path, dataset_format: str, num_videos: int, seed: int, split: str | None = None) -> int:
+def make_synthetic(
+    out: Path, dataset_format: str, num_videos: int, seed: int, split: str | None = None, nulls_per_video: int = 2
+) -> int:
     """`oisa make-synthetic`: a synthetic OmniAVS, Ref-AVS or gRefCOCO dataset; 2 when it cannot be written."""
     from .synthetic_dataset import MissingProgramError, make_synthetic_dataset
 
     try:
-        make_synthetic_dataset(out, dataset_format, num_videos, seed, split=split)
+        make_synthetic_dataset(out, dataset_format, num_videos, seed, split=split, nulls_per_video=nulls_per_video)
     except (MissingProgramError, FileExistsError, ValueError) as error:
         logger.error("oisa make-synthetic: %s", error)
         return 2
@@ -277,6 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--videos", type=int, default=10, help="number of videos (of still images for grefcoco)")
     synthetic.add_argument("--seed", type=int, default=0, help="the same seed writes the same dataset")
     synthetic.add_argument("--split", help="put every video in this split (default: the format's usual split mix)")
+    synthetic.add_argument(
+        "--nulls-per-video",
+        type=int,
+        default=2,
+        help="null expressions per OmniAVS video or gRefCOCO image, null rows per Ref-AVS null folder (default: 2)",
+    )
 
     push = commands.add_parser(
         "push", help="publish a checkpoint to the Hugging Face Hub with its remote code and a model card"
@@ -342,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "init-from-parts":
             init_from_parts(args.internvl2, args.whisper, args.adapter, args.output_dir, args.seed)
         elif args.command == "make-synthetic":
-            return make_synthetic(args.out, args.format, args.videos, args.seed, args.split)
+            return make_synthetic(args.out, args.format, args.videos, args.seed, args.split, args.nulls_per_video)
         elif args.command == "push":
             return push_checkpoint(args)
         elif args.command == "segment":

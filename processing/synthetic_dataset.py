@@ -123,6 +123,8 @@ def make_synthetic_dataset(
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     if num_videos < 1:
         raise ValueError(f"num_videos must be at least 1, got {num_videos}")
+    if nulls_per_video < 0:
+        raise ValueError(f"nulls_per_video must be at least 0, got {nulls_per_video}")
     cycle = {"omniavs": OMNIAVS_SPLIT_CYCLE, "refavs": REFAVS_SPLIT_CYCLE, "grefcoco": GREFCOCO_SPLIT_CYCLE}[format]
     if split is not None and split not in cycle:
         raise ValueError(f"split must be one of {sorted(set(cycle))} for {format}, got {split!r}")
@@ -249,6 +251,13 @@ def _absent_object_expression(clip: SyntheticClip, rng: np.random.Generator) -> 
     absent = _absent_shape(clip, rng)
     colour = clip.colours[shape]
     return _Expression("", f"the {colour} {absent}", (), f"The only {colour} shape in the video is a {shape}.")
+
+
+def _absent_part_expression(clip: SyntheticClip, rng: np.random.Generator) -> str:
+    """A null text naming only a colour or only a shape that no object in the clip has."""
+    if rng.random() < 0.5:
+        return f"the {_absent_colour(clip, rng)} shape"
+    return f"the {_absent_shape(clip, rng)}"
 
 
 def _plain_expression(clip: SyntheticClip, rng: np.random.Generator, null: bool) -> _Expression:
@@ -496,7 +505,11 @@ def _write_grefcoco(
     nulls_per_image: int,
     split_cycle: Sequence[str],
 ) -> SyntheticDataset:
-    """Still images of three shapes with gRefCOCO refs: each shape, one pair of shapes, and absent shapes (null)."""
+    """
+    Still images of three shapes with gRefCOCO refs: each shape by colour and shape, one pair, one shape by its colour
+    alone and one by its shape alone (so that the `[SEG]` state learns both), and null ones: in turn an absent
+    colour-shape combination and an absent colour or shape alone.
+    """
     images, annotations, refs = [], [], []
     counts: Counter[str] = Counter()
     nulls: Counter[str] = Counter()
@@ -518,8 +531,12 @@ def _write_grefcoco(
         sentences = [(f"the {_name(clip, shape)}", [ann_ids[shape]]) for shape in shapes]
         pair = f"the {_name(clip, first)} and the {_name(clip, second)}"
         sentences.append((pair, [ann_ids[first], ann_ids[second]]))
-        for _ in range(nulls_per_image):
-            sentences.append((_absent_object_expression(clip, rng).text, [-1]))
+        by_colour, by_shape = (str(s) for s in rng.choice(shapes, size=2, replace=False))
+        sentences.append((f"the {clip.colours[by_colour]} shape", [ann_ids[by_colour]]))
+        sentences.append((f"the {by_shape}", [ann_ids[by_shape]]))
+        for k in range(nulls_per_image):
+            null = _absent_object_expression(clip, rng).text if k % 2 == 0 else _absent_part_expression(clip, rng)
+            sentences.append((null, [-1]))
         for sentence, ann_id in sentences:
             refs.append(
                 {

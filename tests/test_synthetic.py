@@ -14,6 +14,7 @@ from processing_oisa.datasets_refavs import RefAVSReader
 from processing_oisa.media import decode_audio
 from processing_oisa.synthetic import BACKGROUND, SCENE_SHAPES, make_scene
 from processing_oisa.synthetic_dataset import MissingProgramError, make_synthetic_dataset
+from processing_oisa.training_image import GRefCOCOReader
 
 
 SMALL = {"num_frames": 4, "height": 48, "width": 64}
@@ -126,6 +127,12 @@ def test_command_line(tmp_path, caplog):
     assert len(RefAVSReader(tmp_path / "r", "test_s")) == 6
     assert oisa_main(["make-synthetic", str(tmp_path / "r"), "--format", "refavs", "--videos", "1"]) == 2
     assert "is not empty" in caplog.text
+    images = ["make-synthetic", str(tmp_path / "g"), "--format", "grefcoco", "--videos", "1", "--split", "train"]
+    assert oisa_main([*images, "--nulls-per-video", "3"]) == 0
+    (record,) = GRefCOCOReader(tmp_path / "g", "train")
+    assert sum(not expression.ann_ids for expression in record.expressions) == 3
+    assert oisa_main([*images[:1], str(tmp_path / "g2"), *images[2:], "--nulls-per-video", "-1"]) == 2
+    assert "nulls_per_video must be at least 0" in caplog.text
 
 
 @needs_espeak
@@ -143,7 +150,7 @@ def test_one_split_holds_every_video_with_the_same_content(tmp_path, omniavs_roo
 
 
 def test_grefcoco_images_read_back_with_their_masks(tmp_path):
-    from processing_oisa.training_image import GRefCOCOReader, decode_coco_segmentation
+    from processing_oisa.training_image import decode_coco_segmentation
 
     make_synthetic_dataset(tmp_path / "g", "grefcoco", num_videos=8, seed=4, **SMALL)
     train, val = GRefCOCOReader(tmp_path / "g", "train"), GRefCOCOReader(tmp_path / "g", "val")
@@ -152,8 +159,12 @@ def test_grefcoco_images_read_back_with_their_masks(tmp_path):
         image = np.asarray(Image.open(record.image_path).convert("RGB"))
         assert image.shape == (SMALL["height"], SMALL["width"], 3)
         texts = [expression.text for expression in record.expressions]
-        # each of the three shapes, one pair, and two null expressions naming what is not there
-        assert len(texts) == 6 and sum(" and " in text for text in texts) == 1
+        # each of the three shapes, one pair, one shape by its colour alone and one by its shape alone, and two null
+        # expressions naming what is not there: an absent combination, then an absent colour or shape alone
+        assert len(texts) == 8 and sum(" and " in text for text in texts) == 1
+        partial = [expression for expression in record.expressions if len(expression.text.split()) == 2]
+        partial += [expression for expression in record.expressions if expression.text.endswith(" shape")]
+        assert sorted(len(expression.ann_ids) for expression in partial) == [0, 1, 1]
         assert sum(not expression.ann_ids for expression in record.expressions) == 2
         for expression in record.expressions:
             for ann_id in expression.ann_ids:
