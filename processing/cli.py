@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     synthetic.add_argument("out", type=Path, help="folder to write the dataset to (new or empty)")
     synthetic.add_argument(
-        "--format", choices=("omniavs", "refavs", "grefcoco"), default="omniavs", help="on-disk layout"
+        "--format", choices=("omniavs", "refavs", "grefcoco", "image_text"), default="omniavs", help="on-disk layout"
     )
     synthetic.add_argument("--videos", type=int, default=10, help="number of videos (of still images for grefcoco)")
     synthetic.add_argument("--seed", type=int, default=0, help="the same seed writes the same dataset")
@@ -283,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--nulls-per-video",
         type=int,
         default=2,
-        help="null expressions per OmniAVS video or gRefCOCO image, null rows per Ref-AVS null folder (default: 2)",
+        help="null expressions per OmniAVS video or gRefCOCO image, null rows per Ref-AVS null folder, presence "
+        "questions per image_text image (default: 2)",
     )
 
     push = commands.add_parser(

@@ -48,7 +48,7 @@ from .synthetic import (
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("omniavs", "refavs", "grefcoco")
+FORMATS = ("omniavs", "refavs", "grefcoco", "image_text")
 SPEECH_PROGRAM = "espeak-ng"
 # Videos take their split from these cycles, in order; OmniAVS video 1, 5, 9... are silent.
 OMNIAVS_SPLIT_CYCLE = ("test", "test", "test", "train")
@@ -125,7 +125,12 @@ def make_synthetic_dataset(
         raise ValueError(f"num_videos must be at least 1, got {num_videos}")
     if nulls_per_video < 0:
         raise ValueError(f"nulls_per_video must be at least 0, got {nulls_per_video}")
-    cycle = {"omniavs": OMNIAVS_SPLIT_CYCLE, "refavs": REFAVS_SPLIT_CYCLE, "grefcoco": GREFCOCO_SPLIT_CYCLE}[format]
+    cycle = {
+        "omniavs": OMNIAVS_SPLIT_CYCLE,
+        "refavs": REFAVS_SPLIT_CYCLE,
+        "grefcoco": GREFCOCO_SPLIT_CYCLE,
+        "image_text": GREFCOCO_SPLIT_CYCLE,
+    }[format]
     if split is not None and split not in cycle:
         raise ValueError(f"split must be one of {sorted(set(cycle))} for {format}, got {split!r}")
     split_cycle = cycle if split is None else (split,)
@@ -142,6 +147,8 @@ def make_synthetic_dataset(
         )
     if format == "grefcoco":
         return _write_grefcoco(root, rng, num_videos, geometry, nulls_per_video, split_cycle)
+    if format == "image_text":
+        return _write_image_text(root, rng, num_videos, geometry, nulls_per_video, split_cycle)
     return _write_refavs(root, rng, num_videos, geometry, nulls_per_video, split_cycle)
 
 
@@ -555,6 +562,68 @@ def _write_grefcoco(
     _write_text(folder / "grefs(unc).json", json.dumps(refs))
     logger.info("wrote a synthetic gRefCOCO of %d images, %s expressions, to %s", num_images, dict(counts), root)
     return SyntheticDataset(root, "grefcoco", num_images, dict(counts), dict(nulls))
+
+
+# ---------------------------------------------------------------- image-text conversations
+
+NAMING_QUESTION = "Name the shapes from left to right."
+
+
+def _presence_question(clip: SyntheticClip, rng: np.random.Generator, present: bool) -> tuple[str, str]:
+    """"Is there a ...?" about a colour-shape combination, a colour alone or a shape alone, and its answer."""
+    kind = int(rng.integers(3))
+    if present:
+        shape = str(rng.choice(list(clip.masks)))
+        thing = [f"{clip.colours[shape]} {shape}", f"{clip.colours[shape]} shape", shape][kind]
+    elif kind == 0:
+        thing = _absent_object_expression(clip, rng).text.removeprefix("the ")
+    else:
+        thing = _absent_part_expression(clip, rng).removeprefix("the ")
+    article = "an" if thing[0] in "aeiou" else "a"
+    return f"Is there {article} {thing} in the picture?", "Yes." if present else "No."
+
+
+def _write_image_text(
+    root: Path,
+    rng: np.random.Generator,
+    num_images: int,
+    geometry: dict,
+    questions_per_image: int,
+    split_cycle: Sequence[str],
+) -> SyntheticDataset:
+    """
+    Still images of three shapes with InternVL-style conversations (`<split>.jsonl`): `questions_per_image` questions
+    on whether a colour, a shape or a combination is in the picture (half of them answered "No."), then the shapes
+    named from left to right. They teach a model trained from scratch to read its image tokens, which deciding that
+    nothing matches an expression needs. The "No." answers count as null expressions.
+    """
+    lines: dict[str, list[str]] = {split: [] for split in sorted(set(split_cycle))}
+    counts: Counter[str] = Counter()
+    nulls: Counter[str] = Counter()
+    single_frame = {**geometry, "num_frames": 1}
+    for index in range(num_images):
+        split = split_cycle[index % len(split_cycle)]
+        shapes = [str(s) for s in rng.choice(list(SCENE_SHAPES), size=3, replace=False)]
+        clip = _scene(rng, shapes, True, single_frame)
+        image = f"images/{index:06d}.jpg"
+        _save_image(root / image, clip.frames[0])
+        turns = []
+        for k in range(questions_per_image):
+            present = bool(rng.random() < 0.5)
+            question, answer = _presence_question(clip, rng, present)
+            turns += [("human", f"<image>\n{question}" if k == 0 else question), ("gpt", answer)]
+            nulls[split] += not present
+        centre_x = {shape: np.nonzero(clip.masks[shape][0])[1].mean() for shape in shapes}
+        names = [f"the {_name(clip, shape)}" for shape in sorted(shapes, key=centre_x.get)]
+        naming = f"{', '.join(names[:-1])} and {names[-1]}."
+        turns += [("human", NAMING_QUESTION if turns else f"<image>\n{NAMING_QUESTION}"), ("gpt", naming.capitalize())]
+        entry = {"id": index, "image": image, "conversations": [{"from": r, "value": v} for r, v in turns]}
+        lines[split].append(json.dumps(entry))
+        counts[split] += questions_per_image + 1
+    for split, split_lines in lines.items():
+        _write_text(root / f"{split}.jsonl", "".join(line + "\n" for line in split_lines))
+    logger.info("wrote %d synthetic image-text conversations, %s turns, to %s", num_images, dict(counts), root)
+    return SyntheticDataset(root, "image_text", num_images, dict(counts), dict(nulls))
 
 
 __all__ = ["FORMATS", "MissingProgramError", "SyntheticDataset", "make_synthetic_dataset", "synthesize_speech"]

@@ -25,6 +25,7 @@ from .publish import publish_checkpoint
 from .tokenization_oisa import OISA_SPECIAL_TOKENS
 from .training_audio_text import AUDIO_TEXT_SAMPLE_BUILDERS
 from .training_image import IMAGE_SAMPLE_BUILDERS
+from .training_image_text import IMAGE_TEXT_SAMPLE_BUILDERS
 from .training_video import VIDEO_SAMPLE_BUILDERS
 from .training_data import (
     MixtureSource,
@@ -50,6 +51,7 @@ SAMPLE_BUILDERS = {
     **IMAGE_SAMPLE_BUILDERS,
     **VIDEO_SAMPLE_BUILDERS,
     **AUDIO_TEXT_SAMPLE_BUILDERS,
+    **IMAGE_TEXT_SAMPLE_BUILDERS,
 }
 
 
