@@ -4,7 +4,7 @@
 #
 #   bash examples/train_oisa_tiny_synthetic.sh [WORK_DIR]
 #
-# About 50 minutes on 2 CPU cores; WORK_DIR (default: tiny-synthetic-run) must not exist yet.
+# About 70 minutes on 2 CPU cores; WORK_DIR (default: tiny-synthetic-run) must not exist yet.
 set -euo pipefail
 
 WORK=${1:-tiny-synthetic-run}
@@ -29,7 +29,8 @@ oisa make-synthetic "$WORK/data/omniavs" --format omniavs --videos 600 --seed 11
 oisa tiny-random "$WORK/init" --preset synthetic --seed 0
 
 # part 1, twice: 1500 steps of 8 still images each; part 2: 1500 steps of still images and conversations; part 3:
-# 1500 steps of conversations alone; part 4: 3150 steps of 4 samples, clips, still images and conversations mixed
+# 1500 steps of conversations alone; part 4, twice: 3150 steps of 4 samples each, clips, still images and
+# conversations mixed
 IMAGES=(--data grefcoco="$WORK/data/images")
 TEXT=(--data image_text="$WORK/data/image_text")
 "${TRAIN[@]}" --config "$REPO/configs/oisa_tiny_synthetic_images.json" --model "$WORK/init" \
@@ -40,8 +41,11 @@ TEXT=(--data image_text="$WORK/data/image_text")
     --output-dir "$WORK/reading" "${IMAGES[@]}" "${TEXT[@]}"
 "${TRAIN[@]}" --config "$REPO/configs/oisa_tiny_synthetic_questions.json" --model "$WORK/reading/final" \
     --output-dir "$WORK/questions" "${TEXT[@]}"
+CLIPS=(--data omniavs="$WORK/data/omniavs" "${IMAGES[@]}" "${TEXT[@]}")
 "${TRAIN[@]}" --config "$REPO/configs/oisa_tiny_synthetic.json" --model "$WORK/questions/final" \
-    --output-dir "$WORK/train" --data omniavs="$WORK/data/omniavs" "${IMAGES[@]}" "${TEXT[@]}"
+    --output-dir "$WORK/clips" "${CLIPS[@]}"
+"${TRAIN[@]}" --config "$REPO/configs/oisa_tiny_synthetic.json" --model "$WORK/clips/final" \
+    --output-dir "$WORK/train" "${CLIPS[@]}"
 
 # 40 held-out clips from another seed (2026); the card gets their numbers
 oisa make-synthetic "$WORK/data/held-out" --format omniavs --videos 40 --seed 2026 --split test
@@ -52,7 +56,7 @@ accelerate launch --cpu --num_processes 1 "$REPO/eval.py" --model "$WORK/train/f
  (seed 13) and 600 clips (seed 11)" \
     --card-field training="examples/train_oisa_tiny_synthetic.sh: configs/oisa_tiny_synthetic_images.json\
  (twice 1500 steps), oisa_tiny_synthetic_reading.json (1500), oisa_tiny_synthetic_questions.json (1500),\
- oisa_tiny_synthetic.json (3150), on CPU"
+ oisa_tiny_synthetic.json (twice 3150), on CPU"
 
 # only a model that meets the targets is installed: J&F >= 0.8 overall and per type, null expressions answered
 # "No target matches this expression." at least 90% of the time

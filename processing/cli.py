@@ -195,7 +195,7 @@ def init_from_parts(internvl2: Path, whisper: Path, adapter: Path, output_dir: P
 def make_synthetic(
     out: Path, dataset_format: str, num_videos: int, seed: int, split: str | None = None, nulls_per_video: int = 2
 ) -> int:
-    """`oisa make-synthetic`: a synthetic OmniAVS, Ref-AVS or gRefCOCO dataset; 2 when it cannot be written."""
+    """`oisa make-synthetic`: a synthetic OmniAVS, Ref-AVS, gRefCOCO or image-text set; 2 when it cannot be written."""
     from .synthetic_dataset import MissingProgramError, make_synthetic_dataset
 
     try:
@@ -270,13 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     synthetic = commands.add_parser(
         "make-synthetic",
-        help="write a synthetic OmniAVS, Ref-AVS or gRefCOCO dataset of moving shapes (OmniAVS needs espeak-ng)",
+        help="write a synthetic OmniAVS, Ref-AVS, gRefCOCO or image-text dataset of coloured shapes (OmniAVS needs "
+        "espeak-ng)",
     )
     synthetic.add_argument("out", type=Path, help="folder to write the dataset to (new or empty)")
     synthetic.add_argument(
         "--format", choices=("omniavs", "refavs", "grefcoco", "image_text"), default="omniavs", help="on-disk layout"
     )
-    synthetic.add_argument("--videos", type=int, default=10, help="number of videos (of still images for grefcoco)")
+    synthetic.add_argument("--videos", type=int, default=10, help="number of videos (images for grefcoco, image_text)")
     synthetic.add_argument("--seed", type=int, default=0, help="the same seed writes the same dataset")
     synthetic.add_argument("--split", help="put every video in this split (default: the format's usual split mix)")
     synthetic.add_argument(

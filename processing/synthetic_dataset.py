@@ -7,7 +7,8 @@ OmniAVS: every video gets one expression of each of the 8 types plus `nulls_per_
 or shape, a tone no shape in the clip makes, or "the shape that is making a sound" in a silent clip). Speech
 expressions are spoken by `espeak-ng`, sounds are a shape's tone, images a crop of the shape. Ref-AVS: text
 expressions, one object each; `test_u` videos hold the class no other split has (the diamond); null rows live in
-`null_m-<vid>` (muted) and `null_c-<vid>` (a hum no shape makes) folders.
+`null_m-<vid>` (muted) and `null_c-<vid>` (a hum no shape makes) folders. Still images come in the gRefCOCO layout
+(referring expressions with masks) and as InternVL-style image-text conversations (`image_text`).
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ class _Expression:
 
 def make_synthetic_dataset(
     out_dir: str | os.PathLike[str],
-    format: Literal["omniavs", "refavs"] = "omniavs",
+    format: Literal["omniavs", "refavs", "grefcoco", "image_text"] = "omniavs",
     num_videos: int = 4,
     seed: int = 0,
     *,
@@ -112,9 +113,11 @@ def make_synthetic_dataset(
     split: str | None = None,
 ) -> SyntheticDataset:
     """
-    Writes a synthetic dataset of `num_videos` clips under `out_dir` (created; it must be empty or absent).
+    Writes a synthetic dataset of `num_videos` clips (still images for gRefCOCO and image-text) under `out_dir`
+    (created; it must be empty or absent).
 
-    `nulls_per_video`: null expressions per OmniAVS video, null rows per Ref-AVS null folder. `explanation_rate`: the
+    `nulls_per_video`: null expressions per OmniAVS video or gRefCOCO image, null rows per Ref-AVS null folder,
+    questions per image-text image. `explanation_rate`: the
     share of OmniAVS expressions with an explanation. `split`: put every video in this split instead of spreading them
     over the format's splits (the clips and expressions stay those of the same seed). OmniAVS needs `espeak-ng` for
     its speech expressions.
@@ -616,7 +619,8 @@ def _write_image_text(
         centre_x = {shape: np.nonzero(clip.masks[shape][0])[1].mean() for shape in shapes}
         names = [f"the {_name(clip, shape)}" for shape in sorted(shapes, key=centre_x.get)]
         naming = f"{', '.join(names[:-1])} and {names[-1]}."
-        turns += [("human", NAMING_QUESTION if turns else f"<image>\n{NAMING_QUESTION}"), ("gpt", naming.capitalize())]
+        naming = naming[0].upper() + naming[1:]
+        turns += [("human", NAMING_QUESTION if turns else f"<image>\n{NAMING_QUESTION}"), ("gpt", naming)]
         entry = {"id": index, "image": image, "conversations": [{"from": r, "value": v} for r, v in turns]}
         lines[split].append(json.dumps(entry))
         counts[split] += questions_per_image + 1
