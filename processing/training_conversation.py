@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from abc import abstractmethod
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -98,10 +99,11 @@ class ConversationReader(Sequence[RecordT], Generic[RecordT]):
         conversation = self._parse_conversation(entry.get("conversations"), key)
         return self._make_record(entry, key, media_path, conversation)
 
+    @abstractmethod
     def _make_record(
         self, entry: dict, key: str, media_path: Path, conversation: tuple[tuple[str, str], ...]
     ) -> RecordT:
-        raise NotImplementedError
+        """The record of a checked line: its entry, its key, its media file and its (role, text) turns."""
 
     def _parse_conversation(self, turns: Any, key: str) -> tuple[tuple[str, str], ...]:
         if not isinstance(turns, list) or not turns:
