@@ -20,7 +20,7 @@ import os
 import shutil
 import subprocess
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -504,6 +504,20 @@ def _write_refavs(
     return SyntheticDataset(root, "refavs", num_videos, dict(counts), dict(nulls))
 
 
+# ---------------------------------------------------------------- still images
+
+
+def _still_scenes(
+    rng: np.random.Generator, num_images: int, geometry: dict, split_cycle: Sequence[str]
+) -> Iterator[tuple[int, str, list[str], SyntheticClip]]:
+    """(index, split, shapes, one-frame silent scene) of each still image: three shapes drawn from SCENE_SHAPES."""
+    single_frame = {**geometry, "num_frames": 1}
+    for index in range(num_images):
+        split = split_cycle[index % len(split_cycle)]
+        shapes = [str(s) for s in rng.choice(list(SCENE_SHAPES), size=3, replace=False)]
+        yield index, split, shapes, _scene(rng, shapes, True, single_frame)
+
+
 # ---------------------------------------------------------------- gRefCOCO
 
 
@@ -523,11 +537,7 @@ def _write_grefcoco(
     images, annotations, refs = [], [], []
     counts: Counter[str] = Counter()
     nulls: Counter[str] = Counter()
-    single_frame = {**geometry, "num_frames": 1}
-    for index in range(num_images):
-        split = split_cycle[index % len(split_cycle)]
-        shapes = [str(s) for s in rng.choice(list(SCENE_SHAPES), size=3, replace=False)]
-        clip = _scene(rng, shapes, True, single_frame)
+    for index, split, shapes, clip in _still_scenes(rng, num_images, geometry, split_cycle):
         file_name = f"COCO_train2014_{index:012d}.jpg"
         _save_image(root / GREFCOCO_IMAGE_DIR / file_name, clip.frames[0])
         height, width = clip.frames.shape[1:3]
@@ -603,11 +613,7 @@ def _write_image_text(
     lines: dict[str, list[str]] = {split: [] for split in sorted(set(split_cycle))}
     counts: Counter[str] = Counter()
     nulls: Counter[str] = Counter()
-    single_frame = {**geometry, "num_frames": 1}
-    for index in range(num_images):
-        split = split_cycle[index % len(split_cycle)]
-        shapes = [str(s) for s in rng.choice(list(SCENE_SHAPES), size=3, replace=False)]
-        clip = _scene(rng, shapes, True, single_frame)
+    for index, split, shapes, clip in _still_scenes(rng, num_images, geometry, split_cycle):
         image = f"images/{index:06d}.jpg"
         _save_image(root / image, clip.frames[0])
         turns = []

@@ -6,7 +6,6 @@ clip in a multi-turn Hermes-2 conversation, no image and no mask.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,21 +51,7 @@ class AudioTextReader(ConversationReader[AudioTextRecord]):
     raises `OisaDataError`; with `skip_bad=True` it is appended to `skipped` as (record id, error) instead.
     """
 
-    media_key, placeholder = "audio", AUDIO_PLACEHOLDER
-
-    def __init__(
-        self,
-        root: str | os.PathLike[str],
-        split: str = "train",
-        *,
-        annotation: str | os.PathLike[str] | None = None,
-        dataset: str = "audio_text",
-        check_files: bool = True,
-        skip_bad: bool = False,
-    ) -> None:
-        super().__init__(
-            root, split, annotation=annotation, dataset=dataset, check_files=check_files, skip_bad=skip_bad
-        )
+    media_key, placeholder, default_dataset = "audio", AUDIO_PLACEHOLDER, "audio_text"
 
     def _make_record(
         self, entry: dict, key: str, media_path: Path, conversation: tuple[tuple[str, str], ...]

@@ -27,11 +27,13 @@ class ConversationReader(Sequence[RecordT], Generic[RecordT]):
     The lines of a conversation jsonl (`annotation`, default `<root>/<split>.jsonl`) whose media paths (under
     `media_key`) are relative to `root`. Structure, path containment and (`check_files`) the media files' presence are
     checked here. A problem raises `OisaDataError`; with `skip_bad=True` it is appended to `skipped` as (record id,
-    error) instead. Subclasses turn a checked line into a record in `_make_record`.
+    error) instead. `dataset` (default: the subclass's `default_dataset`) names the set in errors. Subclasses turn a
+    checked line into a record in `_make_record`.
     """
 
     media_key: str
     placeholder: str
+    default_dataset: str
 
     def __init__(
         self,
@@ -39,13 +41,13 @@ class ConversationReader(Sequence[RecordT], Generic[RecordT]):
         split: str = "train",
         *,
         annotation: str | os.PathLike[str] | None = None,
-        dataset: str,
+        dataset: str | None = None,
         check_files: bool = True,
         skip_bad: bool = False,
     ) -> None:
         self.root = Path(root)
         self.annotation_path = Path(annotation) if annotation is not None else self.root / f"{split}.jsonl"
-        self.dataset = dataset
+        self.dataset = dataset or self.default_dataset
         self.check_files = check_files
         self.skip_bad = skip_bad
         self.skipped: list[tuple[str, OisaDataError]] = []

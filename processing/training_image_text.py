@@ -5,7 +5,6 @@ samples, one image in a multi-turn Hermes-2 conversation with labels on the answ
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,21 +36,7 @@ class ImageTextReader(ConversationReader[ImageTextRecord]):
     `skip_bad=True` it is appended to `skipped` as (record id, error) instead.
     """
 
-    media_key, placeholder = "image", IMAGE_PLACEHOLDER
-
-    def __init__(
-        self,
-        root: str | os.PathLike[str],
-        split: str = "train",
-        *,
-        annotation: str | os.PathLike[str] | None = None,
-        dataset: str = "image_text",
-        check_files: bool = True,
-        skip_bad: bool = False,
-    ) -> None:
-        super().__init__(
-            root, split, annotation=annotation, dataset=dataset, check_files=check_files, skip_bad=skip_bad
-        )
+    media_key, placeholder, default_dataset = "image", IMAGE_PLACEHOLDER, "image_text"
 
     def _make_record(
         self, entry: dict, key: str, media_path: Path, conversation: tuple[tuple[str, str], ...]
