@@ -193,13 +193,27 @@ def init_from_parts(internvl2: Path, whisper: Path, adapter: Path, output_dir: P
 
 
 def make_synthetic(
-    out: Path, dataset_format: str, num_videos: int, seed: int, split: str | None = None, nulls_per_video: int = 2
+    out: Path,
+    dataset_format: str,
+    num_videos: int,
+    seed: int,
+    split: str | None = None,
+    nulls_per_video: int = 2,
+    single_colour_rate: float = 0.0,
 ) -> int:
-    """`oisa make-synthetic`: a synthetic OmniAVS, Ref-AVS, gRefCOCO or image-text set; 2 when it cannot be written."""
+    """`oisa make-synthetic`: a synthetic OmniAVS, Ref-AVS, gRefCOCO, image-text or audio-text set; 2 when it fails."""
     from .synthetic_dataset import MissingProgramError, make_synthetic_dataset
 
     try:
-        make_synthetic_dataset(out, dataset_format, num_videos, seed, split=split, nulls_per_video=nulls_per_video)
+        make_synthetic_dataset(
+            out,
+            dataset_format,
+            num_videos,
+            seed,
+            split=split,
+            nulls_per_video=nulls_per_video,
+            single_colour_rate=single_colour_rate,
+        )
     except (MissingProgramError, FileExistsError, ValueError) as error:
         logger.error("oisa make-synthetic: %s", error)
         return 2
@@ -270,14 +284,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     synthetic = commands.add_parser(
         "make-synthetic",
-        help="write a synthetic OmniAVS, Ref-AVS, gRefCOCO or image-text dataset of coloured shapes (OmniAVS needs "
-        "espeak-ng)",
+        help="write a synthetic OmniAVS, Ref-AVS, gRefCOCO, image-text or audio-text dataset of coloured shapes "
+        "(OmniAVS and audio-text need espeak-ng)",
     )
     synthetic.add_argument("out", type=Path, help="folder to write the dataset to (new or empty)")
     synthetic.add_argument(
-        "--format", choices=("omniavs", "refavs", "grefcoco", "image_text"), default="omniavs", help="on-disk layout"
+        "--format",
+        choices=("omniavs", "refavs", "grefcoco", "image_text", "audio_text"),
+        default="omniavs",
+        help="on-disk layout",
     )
-    synthetic.add_argument("--videos", type=int, default=10, help="number of videos (images for grefcoco, image_text)")
+    synthetic.add_argument(
+        "--videos",
+        type=int,
+        default=10,
+        help="number of videos (images for grefcoco and image_text, audio clips for audio_text)",
+    )
     synthetic.add_argument("--seed", type=int, default=0, help="the same seed writes the same dataset")
     synthetic.add_argument("--split", help="put every video in this split (default: the format's usual split mix)")
     synthetic.add_argument(
@@ -286,6 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=2,
         help="null expressions per OmniAVS video or gRefCOCO image, null rows per Ref-AVS null folder, presence "
         "questions per image_text image (default: 2)",
+    )
+    synthetic.add_argument(
+        "--single-colour-rate",
+        type=float,
+        default=0.0,
+        help="grefcoco and image_text: the share of images whose shapes all have one colour (default: 0)",
     )
 
     push = commands.add_parser(
@@ -352,7 +380,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "init-from-parts":
             init_from_parts(args.internvl2, args.whisper, args.adapter, args.output_dir, args.seed)
         elif args.command == "make-synthetic":
-            return make_synthetic(args.out, args.format, args.videos, args.seed, args.split, args.nulls_per_video)
+            return make_synthetic(
+                args.out, args.format, args.videos, args.seed, args.split, args.nulls_per_video, args.single_colour_rate
+            )
         elif args.command == "push":
             return push_checkpoint(args)
         elif args.command == "segment":

@@ -8,7 +8,8 @@ or shape, a tone no shape in the clip makes, or "the shape that is making a soun
 expressions are spoken by `espeak-ng`, sounds are a shape's tone, images a crop of the shape. Ref-AVS: text
 expressions, one object each; `test_u` videos hold the class no other split has (the diamond); null rows live in
 `null_m-<vid>` (muted) and `null_c-<vid>` (a hum no shape makes) folders. Still images come in the gRefCOCO layout
-(referring expressions with masks) and as InternVL-style image-text conversations (`image_text`).
+(referring expressions with masks) and as InternVL-style image-text conversations (`image_text`); `audio_text` holds
+spoken expressions to transcribe and tones to name the shape of.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import soundfile
 from PIL import Image
 
 from .datasets_omniavs import EXPRESSION_TYPES, referring_modalities
-from .media import SAMPLING_RATE
+from .media import SAMPLING_RATE, decode_audio
 from .rle import encode_rle
 from .synthetic import (
     HUM_HZ,
@@ -45,11 +46,13 @@ from .synthetic import (
     shape_image,
     tone,
 )
+from .training_audio_text import expected_audio_length
 
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("omniavs", "refavs", "grefcoco", "image_text")
+FORMATS = ("omniavs", "refavs", "grefcoco", "image_text", "audio_text")
+STILL_IMAGE_FORMATS = ("grefcoco", "image_text")
 SPEECH_PROGRAM = "espeak-ng"
 # Videos take their split from these cycles, in order; OmniAVS video 1, 5, 9... are silent.
 OMNIAVS_SPLIT_CYCLE = ("test", "test", "test", "train")
@@ -100,7 +103,7 @@ class _Expression:
 
 def make_synthetic_dataset(
     out_dir: str | os.PathLike[str],
-    format: Literal["omniavs", "refavs", "grefcoco", "image_text"] = "omniavs",
+    format: Literal["omniavs", "refavs", "grefcoco", "image_text", "audio_text"] = "omniavs",
     num_videos: int = 4,
     seed: int = 0,
     *,
@@ -111,16 +114,18 @@ def make_synthetic_dataset(
     nulls_per_video: int = 2,
     explanation_rate: float = 0.5,
     split: str | None = None,
+    single_colour_rate: float = 0.0,
 ) -> SyntheticDataset:
     """
-    Writes a synthetic dataset of `num_videos` clips (still images for gRefCOCO and image-text) under `out_dir`
-    (created; it must be empty or absent).
+    Writes a synthetic dataset of `num_videos` clips (still images for gRefCOCO and image-text, audio clips for
+    audio-text) under `out_dir` (created; it must be empty or absent).
 
     `nulls_per_video`: null expressions per OmniAVS video or gRefCOCO image, null rows per Ref-AVS null folder,
     questions per image-text image. `explanation_rate`: the
     share of OmniAVS expressions with an explanation. `split`: put every video in this split instead of spreading them
-    over the format's splits (the clips and expressions stay those of the same seed). OmniAVS needs `espeak-ng` for
-    its speech expressions.
+    over the format's splits (the clips and expressions stay those of the same seed). `single_colour_rate`: the share
+    of still images whose three shapes share one colour, so that only their shapes tell them apart. OmniAVS and
+    audio-text need `espeak-ng` for their speech.
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
@@ -128,11 +133,16 @@ def make_synthetic_dataset(
         raise ValueError(f"num_videos must be at least 1, got {num_videos}")
     if nulls_per_video < 0:
         raise ValueError(f"nulls_per_video must be at least 0, got {nulls_per_video}")
+    if not 0.0 <= single_colour_rate <= 1.0:
+        raise ValueError(f"single_colour_rate must be between 0 and 1, got {single_colour_rate}")
+    if single_colour_rate and format not in STILL_IMAGE_FORMATS:
+        raise ValueError(f"single_colour_rate applies to the still-image formats {STILL_IMAGE_FORMATS}, not {format}")
     cycle = {
         "omniavs": OMNIAVS_SPLIT_CYCLE,
         "refavs": REFAVS_SPLIT_CYCLE,
         "grefcoco": GREFCOCO_SPLIT_CYCLE,
         "image_text": GREFCOCO_SPLIT_CYCLE,
+        "audio_text": GREFCOCO_SPLIT_CYCLE,
     }[format]
     if split is not None and split not in cycle:
         raise ValueError(f"split must be one of {sorted(set(cycle))} for {format}, got {split!r}")
@@ -140,7 +150,7 @@ def make_synthetic_dataset(
     root = Path(out_dir)
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"{root} is not empty; the synthetic dataset needs a new folder")
-    speech_program = _speech_program() if format == "omniavs" else ""
+    speech_program = _speech_program() if format in ("omniavs", "audio_text") else ""
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     geometry = {"num_frames": num_frames, "height": height, "width": width, "fps": fps}
@@ -149,9 +159,11 @@ def make_synthetic_dataset(
             root, rng, num_videos, geometry, nulls_per_video, explanation_rate, speech_program, split_cycle
         )
     if format == "grefcoco":
-        return _write_grefcoco(root, rng, num_videos, geometry, nulls_per_video, split_cycle)
+        return _write_grefcoco(root, rng, num_videos, geometry, nulls_per_video, split_cycle, single_colour_rate)
     if format == "image_text":
-        return _write_image_text(root, rng, num_videos, geometry, nulls_per_video, split_cycle)
+        return _write_image_text(root, rng, num_videos, geometry, nulls_per_video, split_cycle, single_colour_rate)
+    if format == "audio_text":
+        return _write_audio_text(root, rng, num_videos, speech_program, split_cycle)
     return _write_refavs(root, rng, num_videos, geometry, nulls_per_video, split_cycle)
 
 
@@ -508,14 +520,26 @@ def _write_refavs(
 
 
 def _still_scenes(
-    rng: np.random.Generator, num_images: int, geometry: dict, split_cycle: Sequence[str]
+    rng: np.random.Generator,
+    num_images: int,
+    geometry: dict,
+    split_cycle: Sequence[str],
+    single_colour_rate: float,
 ) -> Iterator[tuple[int, str, list[str], SyntheticClip]]:
-    """(index, split, shapes, one-frame silent scene) of each still image: three shapes drawn from SCENE_SHAPES."""
+    """
+    (index, split, shapes, one-frame silent scene) of each still image: three shapes drawn from SCENE_SHAPES, in three
+    colours, or with probability `single_colour_rate` in one (no draw is spent on it at 0, so old seeds keep their
+    images).
+    """
     single_frame = {**geometry, "num_frames": 1}
     for index in range(num_images):
         split = split_cycle[index % len(split_cycle)]
         shapes = [str(s) for s in rng.choice(list(SCENE_SHAPES), size=3, replace=False)]
-        yield index, split, shapes, _scene(rng, shapes, True, single_frame)
+        if single_colour_rate and rng.random() < single_colour_rate:
+            colour = str(rng.choice(list(SCENE_COLOURS)))
+            yield index, split, shapes, make_scene(shapes, [colour] * len(shapes), None, rng, **single_frame)
+        else:
+            yield index, split, shapes, _scene(rng, shapes, True, single_frame)
 
 
 # ---------------------------------------------------------------- gRefCOCO
@@ -528,16 +552,17 @@ def _write_grefcoco(
     geometry: dict,
     nulls_per_image: int,
     split_cycle: Sequence[str],
+    single_colour_rate: float,
 ) -> SyntheticDataset:
     """
-    Still images of three shapes with gRefCOCO refs: each shape by colour and shape, one pair, one shape by its colour
-    alone and one by its shape alone (so that the `[SEG]` state learns both), and null ones: in turn an absent
-    colour-shape combination and an absent colour or shape alone.
+    Still images of three shapes with gRefCOCO refs: each shape by colour and shape, one pair, the shapes of one colour
+    by that colour alone and one shape by its shape alone (so that the `[SEG]` state learns both), and null ones: in
+    turn an absent colour-shape combination and an absent colour or shape alone.
     """
     images, annotations, refs = [], [], []
     counts: Counter[str] = Counter()
     nulls: Counter[str] = Counter()
-    for index, split, shapes, clip in _still_scenes(rng, num_images, geometry, split_cycle):
+    for index, split, shapes, clip in _still_scenes(rng, num_images, geometry, split_cycle, single_colour_rate):
         file_name = f"COCO_train2014_{index:012d}.jpg"
         _save_image(root / GREFCOCO_IMAGE_DIR / file_name, clip.frames[0])
         height, width = clip.frames.shape[1:3]
@@ -552,7 +577,8 @@ def _write_grefcoco(
         pair = f"the {_name(clip, first)} and the {_name(clip, second)}"
         sentences.append((pair, [ann_ids[first], ann_ids[second]]))
         by_colour, by_shape = (str(s) for s in rng.choice(shapes, size=2, replace=False))
-        sentences.append((f"the {clip.colours[by_colour]} shape", [ann_ids[by_colour]]))
+        colour = clip.colours[by_colour]
+        sentences.append((f"the {colour} shape", [ann_ids[s] for s in shapes if clip.colours[s] == colour]))
         sentences.append((f"the {by_shape}", [ann_ids[by_shape]]))
         for k in range(nulls_per_image):
             null = _absent_object_expression(clip, rng).text if k % 2 == 0 else _absent_part_expression(clip, rng)
@@ -603,6 +629,7 @@ def _write_image_text(
     geometry: dict,
     questions_per_image: int,
     split_cycle: Sequence[str],
+    single_colour_rate: float,
 ) -> SyntheticDataset:
     """
     Still images of three shapes with InternVL-style conversations (`<split>.jsonl`): `questions_per_image` questions
@@ -613,7 +640,7 @@ def _write_image_text(
     lines: dict[str, list[str]] = {split: [] for split in sorted(set(split_cycle))}
     counts: Counter[str] = Counter()
     nulls: Counter[str] = Counter()
-    for index, split, shapes, clip in _still_scenes(rng, num_images, geometry, split_cycle):
+    for index, split, shapes, clip in _still_scenes(rng, num_images, geometry, split_cycle, single_colour_rate):
         image = f"images/{index:06d}.jpg"
         _save_image(root / image, clip.frames[0])
         turns = []
@@ -634,6 +661,70 @@ def _write_image_text(
         _write_text(root / f"{split}.jsonl", "".join(line + "\n" for line in split_lines))
     logger.info("wrote %d synthetic image-text conversations, %s turns, to %s", num_images, dict(counts), root)
     return SyntheticDataset(root, "image_text", num_images, dict(counts), dict(nulls))
+
+
+# ---------------------------------------------------------------- audio-text conversations
+
+TRANSCRIBE_QUESTION = "What does the speaker say?"
+TONE_QUESTION = "Which shape makes this sound?"
+# the fixed sentences of the OmniAVS expressions, as their speech says them
+SPOKEN_TEMPLATES = tuple(
+    _spoken(text)
+    for text in (
+        "the shape that is making a sound",
+        "the shape making the sound <audio>",
+        "the shape that looks like <image>",
+        "the shape that looks like <image> and makes the sound <audio>",
+    )
+)
+
+
+def _spoken_expression(rng: np.random.Generator) -> str:
+    """What an OmniAVS speech expression may say: a colour-shape name, a pair of them, or a fixed sentence."""
+    names = [f"the {colour} {shape}" for colour in SCENE_COLOURS for shape in SCENE_SHAPES]
+    kind = int(rng.integers(3))
+    if kind == 0:
+        return str(rng.choice(names))
+    if kind == 1:
+        first, second = (str(name) for name in rng.choice(names, size=2, replace=False))
+        return f"{first} and {second}"
+    return str(rng.choice(SPOKEN_TEMPLATES))
+
+
+def _write_audio_text(
+    root: Path, rng: np.random.Generator, num_clips: int, speech_program: str, split_cycle: Sequence[str]
+) -> SyntheticDataset:
+    """
+    Audio clips with one question each in the audio-text jsonl layout (`<split>.jsonl`): every other clip is an
+    expression spoken by espeak-ng, asked to be transcribed, the others a shape's tone, asked which shape makes it.
+    They teach a model trained from scratch the words of the speech expressions and the shape each tone stands for.
+    """
+    lines: dict[str, list[str]] = {split: [] for split in sorted(set(split_cycle))}
+    counts: Counter[str] = Counter()
+    for index in range(num_clips):
+        split = split_cycle[index % len(split_cycle)]
+        audio = f"audios/{index:06d}.wav"
+        if index % 2 == 0:
+            sentence = _spoken_expression(rng)
+            synthesize_speech(speech_program, sentence, root / audio)
+            question, answer = TRANSCRIBE_QUESTION, sentence[0].upper() + sentence[1:] + "."
+        else:
+            shape = str(rng.choice(list(SCENE_SHAPES)))
+            _write_wav(root / audio, tone(TONES_HZ[shape], REFERRING_SOUND_SECONDS))
+            question, answer = TONE_QUESTION, f"The {shape}."
+        num_samples = decode_audio(root / audio).size
+        entry = {
+            "id": index,
+            "audio": audio,
+            "audio_length": list(expected_audio_length(num_samples)),
+            "conversations": [{"from": "human", "value": f"<audio>\n{question}"}, {"from": "gpt", "value": answer}],
+        }
+        lines[split].append(json.dumps(entry))
+        counts[split] += 1
+    for split, split_lines in lines.items():
+        _write_text(root / f"{split}.jsonl", "".join(line + "\n" for line in split_lines))
+    logger.info("wrote %d synthetic audio-text conversations, %s clips, to %s", num_clips, dict(counts), root)
+    return SyntheticDataset(root, "audio_text", num_clips, dict(counts), {})
 
 
 __all__ = ["FORMATS", "MissingProgramError", "SyntheticDataset", "make_synthetic_dataset", "synthesize_speech"]

@@ -12,7 +12,7 @@ from processing_oisa.cli import main as oisa_main
 from processing_oisa.datasets_omniavs import EXPRESSION_TYPES, OmniAVSReader
 from processing_oisa.datasets_refavs import RefAVSReader
 from processing_oisa.media import decode_audio
-from processing_oisa.synthetic import BACKGROUND, SCENE_SHAPES, make_scene
+from processing_oisa.synthetic import BACKGROUND, SCENE_COLOURS, SCENE_SHAPES, make_scene
 from processing_oisa.synthetic_dataset import MissingProgramError, make_synthetic_dataset
 from processing_oisa.training_image import GRefCOCOReader
 
@@ -172,3 +172,67 @@ def test_grefcoco_images_read_back_with_their_masks(tmp_path):
                 # the mask covers a shape's colour, far from the background's
                 assert mask.any()
                 assert np.abs(image[mask].mean(axis=0) - np.array(BACKGROUND)).max() > 60
+
+
+def test_single_colour_images_differ_only_by_shape(tmp_path):
+    from processing_oisa.training_image import decode_coco_segmentation
+
+    make_synthetic_dataset(tmp_path / "mono", "grefcoco", num_videos=8, seed=4, single_colour_rate=1.0, **SMALL)
+    for record in GRefCOCOReader(tmp_path / "mono", "train"):
+        image = np.asarray(Image.open(record.image_path).convert("RGB")).astype(int)
+        by_text = {expression.text: expression.ann_ids for expression in record.expressions}
+        named = {text: ann_ids for text, ann_ids in by_text.items() if len(text.split()) == 3 and len(ann_ids) == 1}
+        # three shapes of one colour: each still has a name of its own, and the colour alone refers to all three
+        assert len(named) == 3 and len({text.split()[1] for text in named}) == 1
+        colour = next(iter(named)).split()[1]
+        assert sorted(by_text[f"the {colour} shape"]) == sorted(ann_id for (ann_id,) in named.values())
+        colours = []
+        for ann_id in record.segmentations:
+            mask = decode_coco_segmentation(record.segmentations[ann_id], record.height, record.width)
+            colours.append(np.median(image[mask], axis=0))
+        assert np.abs(np.array(colours) - colours[0]).max() < 30
+    mixed = make_synthetic_dataset(
+        tmp_path / "mixed", "grefcoco", num_videos=16, seed=4, single_colour_rate=0.5, **SMALL
+    )
+    one_colour = [
+        len({text.split()[1] for text in (e.text for e in record.expressions) if len(text.split()) == 3}) == 1
+        for record in GRefCOCOReader(mixed.root, "train")
+    ]
+    assert 0 < sum(one_colour) < len(one_colour)
+
+
+def test_single_colour_rate_only_for_still_images(tmp_path):
+    with pytest.raises(ValueError, match="single_colour_rate applies to the still-image formats"):
+        make_synthetic_dataset(tmp_path / "r", "refavs", num_videos=4, single_colour_rate=0.5, **SMALL)
+    with pytest.raises(ValueError, match="single_colour_rate must be between 0 and 1"):
+        make_synthetic_dataset(tmp_path / "g", "grefcoco", num_videos=4, single_colour_rate=1.5, **SMALL)
+
+
+@needs_espeak
+def test_audio_text_transcripts_and_tones(tmp_path):
+    from processing_oisa.synthetic import TONES_HZ
+    from processing_oisa.training_audio_text import AudioTextReader
+
+    assert oisa_main(["make-synthetic", str(tmp_path / "a"), "--format", "audio_text", "--videos", "12"]) == 0
+    records = [*AudioTextReader(tmp_path / "a", "train"), *AudioTextReader(tmp_path / "a", "val")]
+    assert len(records) == 12
+    kinds = Counter()
+    for record in records:
+        (_, question), (_, answer) = record.conversation
+        waveform = decode_audio(record.audio_path)
+        if question.endswith("Which shape makes this sound?"):
+            kinds["tone"] += 1
+            shape = answer.removeprefix("The ").rstrip(".")
+            spectrum = np.abs(np.fft.rfft(waveform))
+            peak_hz = np.argmax(spectrum) * 16000 / len(waveform)
+            assert abs(peak_hz - TONES_HZ[shape]) < 5
+        else:
+            kinds["speech"] += 1
+            assert question == "<audio>\nWhat does the speaker say?"
+            words = set(answer.lower().rstrip(".").split())
+            vocabulary = {"the", "and", "shape", "that", "is", "making", "a", "sound", "this", "looks", "like"}
+            vocabulary |= {"picture", "makes", *SCENE_COLOURS, *SCENE_SHAPES}
+            assert words <= vocabulary
+            # espeak speaks about a tenth of a second a word or more
+            assert waveform.size > 0.1 * 16000 * len(answer.split())
+    assert kinds == {"tone": 6, "speech": 6}
