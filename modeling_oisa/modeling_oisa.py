@@ -62,7 +62,8 @@ class OisaImageFeatures(ModelOutput):
     vision_embeds (`torch.Tensor` of shape `(num_images, num_image_tokens, text_hidden_size)`):
         Projected ViT tokens, the LLM's view of each image.
     image_maps (`list[torch.Tensor]`):
-        The adapter's four maps `(num_images, vision_hidden_size, H/s, W/s)` at strides s = 4, 8, 16, 32, in float32.
+        The adapter's four maps `(num_images, vision_hidden_size, H/s, W/s)` at strides s = 4, 8, 16, 32, in float32,
+        of the images they were asked for (`maps_for` of `get_image_features`; all by default).
     vit_last_hidden_state (`torch.Tensor` of shape `(num_images, 1 + num_patches, vision_hidden_size)`):
         InternViT's last hidden state, CLS first.
     """
@@ -284,18 +285,23 @@ class OisaForReferringSegmentation(OisaPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.lm_head = value
 
-    def get_image_features(self, pixel_values: torch.Tensor, chunk_size: int | None = None) -> OisaImageFeatures:
+    def get_image_features(
+        self, pixel_values: torch.Tensor, chunk_size: int | None = None, maps_for: torch.Tensor | None = None
+    ) -> OisaImageFeatures:
         """
         pixel_values (N, 3, H, W) normalised images -> the LLM tokens of each image and the adapter's four maps.
         Images go through the towers `chunk_size` at a time (all at once by default); every image is independent.
+        `maps_for` (N,) bool: the images whose maps are needed (the frames to segment); the others go through the ViT
+        alone, which gives the same tokens, and `image_maps` then holds the maps of the chosen images only, in order.
         """
+        if maps_for is not None and not bool(maps_for.all()):
+            return self._image_features_with_some_maps(pixel_values, chunk_size, maps_for)
         chunk_size = chunk_size or pixel_values.shape[0]
         vision_embeds, vit_states, image_maps = [], [], []
         for start in range(0, pixel_values.shape[0], chunk_size):
             chunk = pixel_values[start : start + chunk_size].to(self.vision_tower.dtype)
             vit_last_hidden_state, maps = self.vision_adapter(chunk, self.vision_tower)
-            shuffled = pixel_shuffle(vit_last_hidden_state[:, 1:], self.config.downsample_ratio)
-            vision_embeds.append(self.multi_modal_projector(shuffled))
+            vision_embeds.append(self._project_vit_tokens(vit_last_hidden_state))
             vit_states.append(vit_last_hidden_state)
             image_maps.append(maps)
         return OisaImageFeatures(
@@ -304,13 +310,36 @@ class OisaForReferringSegmentation(OisaPreTrainedModel, GenerationMixin):
             vit_last_hidden_state=torch.cat(vit_states),
         )
 
+    def _image_features_with_some_maps(
+        self, pixel_values: torch.Tensor, chunk_size: int | None, maps_for: torch.Tensor
+    ) -> OisaImageFeatures:
+        """`get_image_features` with the adapter run on the `maps_for` images only (referring images need no maps)."""
+        maps_for = maps_for.to(device=pixel_values.device, dtype=torch.bool)
+        mapped, plain = torch.nonzero(maps_for).flatten(), torch.nonzero(~maps_for).flatten()
+        vit_states = [self.vision_tower(pixel_values[plain].to(self.vision_tower.dtype)).last_hidden_state]
+        image_maps: list[torch.Tensor] = []
+        if mapped.numel() > 0:
+            with_maps = self.get_image_features(pixel_values[mapped], chunk_size)
+            vit_states.insert(0, with_maps.vit_last_hidden_state)
+            image_maps = with_maps.image_maps
+        # back to the order of `pixel_values`
+        vit_last_hidden_state = torch.cat(vit_states)[torch.argsort(torch.cat([mapped, plain]))]
+        return OisaImageFeatures(
+            vision_embeds=self._project_vit_tokens(vit_last_hidden_state),
+            image_maps=image_maps,
+            vit_last_hidden_state=vit_last_hidden_state,
+        )
+
+    def _project_vit_tokens(self, vit_last_hidden_state: torch.Tensor) -> torch.Tensor:
+        """ViT states (N, 1 + patches, vision_hidden), CLS first -> LLM tokens (N, num_image_tokens, text_hidden)."""
+        return self.multi_modal_projector(pixel_shuffle(vit_last_hidden_state[:, 1:], self.config.downsample_ratio))
+
     def get_vision_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """
         The LLM tokens of each image (N, num_image_tokens, text_hidden) without the adapter's maps: the ViT alone,
         which the adapter never modifies, so the tokens equal those of `get_image_features`.
         """
-        vit_last_hidden_state = self.vision_tower(pixel_values.to(self.vision_tower.dtype)).last_hidden_state
-        return self.multi_modal_projector(pixel_shuffle(vit_last_hidden_state[:, 1:], self.config.downsample_ratio))
+        return self._project_vit_tokens(self.vision_tower(pixel_values.to(self.vision_tower.dtype)).last_hidden_state)
 
     def get_audio_features(
         self, input_features: torch.Tensor, audio_feature_lengths: torch.Tensor | None = None
@@ -444,7 +473,9 @@ class OisaForReferringSegmentation(OisaPreTrainedModel, GenerationMixin):
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
             if pixel_values is not None and pixel_values.shape[0] > 0:
-                image_features = self.get_image_features(pixel_values)
+                # in training only the frames to segment need the adapter's maps
+                maps_for = segmentation_frame_mask if gt_masks is not None else None
+                image_features = self.get_image_features(pixel_values, maps_for=maps_for)
             audio_embeds = None
             if input_features is not None and input_features.shape[0] > 0:
                 audio_embeds = self.get_audio_features(input_features, audio_feature_lengths)
@@ -482,7 +513,14 @@ class OisaForReferringSegmentation(OisaPreTrainedModel, GenerationMixin):
             if input_ids is None or image_features is None:
                 raise ValueError("Mask supervision needs `input_ids` and `pixel_values`.")
             self._add_mask_losses(
-                result, input_ids, image_features.image_maps, images_per_sample, segmentation_frame_mask, gt_masks, gt_mask_valid
+                result,
+                input_ids,
+                image_features.vision_embeds.shape[0],
+                image_features.image_maps,
+                images_per_sample,
+                segmentation_frame_mask,
+                gt_masks,
+                gt_mask_valid,
             )
         if result.lm_loss is not None or result.class_loss is not None:
             result.loss = self._total_loss(result)
@@ -500,13 +538,14 @@ class OisaForReferringSegmentation(OisaPreTrainedModel, GenerationMixin):
         self,
         result: OisaOutput,
         input_ids: torch.Tensor,
+        num_images: int,
         image_maps: list[torch.Tensor],
         images_per_sample: torch.Tensor | None,
         segmentation_frame_mask: torch.Tensor | None,
         gt_masks: torch.Tensor,
         gt_mask_valid: torch.Tensor | None,
     ) -> None:
-        num_images = image_maps[0].shape[0]
+        """`image_maps` hold the segmentation frames only (all images when `segmentation_frame_mask` is None)."""
         batch_size = input_ids.shape[0]
         if images_per_sample is None:
             if batch_size != 1:
@@ -518,7 +557,9 @@ class OisaForReferringSegmentation(OisaPreTrainedModel, GenerationMixin):
             segmentation_frame_mask = torch.ones(num_images, dtype=torch.bool)
         if gt_mask_valid is None:
             gt_mask_valid = torch.ones(gt_masks.shape[0], dtype=torch.bool, device=gt_masks.device)
-        segmentation_frame_mask = segmentation_frame_mask.to(image_maps[0].device)
+        segmentation_frame_mask = segmentation_frame_mask.to(input_ids.device)
+        # row of each segmentation frame in `image_maps`
+        map_rows = torch.cumsum(segmentation_frame_mask.long(), 0) - 1
 
         seg_positions = input_ids == self.config.seg_token_id
         first_image = torch.cumsum(images_per_sample, 0) - images_per_sample
@@ -530,12 +571,14 @@ class OisaForReferringSegmentation(OisaPreTrainedModel, GenerationMixin):
                 continue
             start = int(first_image[sample])
             sample_frames = segmentation_frame_mask[start : start + int(images_per_sample[sample])]
-            frame_indices = start + torch.nonzero(sample_frames).flatten()
-            decoded = self.segment_frames(seg_hidden_states, [level[frame_indices] for level in image_maps])
+            frame_rows = map_rows[start + torch.nonzero(sample_frames).flatten()]
+            if frame_rows.numel() == 0:
+                raise ValueError(f"Sample {sample} has [SEG] tokens but no segmentation frame.")
+            decoded = self.segment_frames(seg_hidden_states, [level[frame_rows] for level in image_maps])
             num_masks = decoded.mask_logits.shape[0] * decoded.mask_logits.shape[1]
             if mask_offset + num_masks > gt_masks.shape[0]:
                 raise ValueError(
-                    f"Sample {sample} has {seg_hidden_states.shape[0]} [SEG] token(s) over {len(frame_indices)} "
+                    f"Sample {sample} has {seg_hidden_states.shape[0]} [SEG] token(s) over {len(frame_rows)} "
                     f"segmentation frame(s), but only {gt_masks.shape[0] - mask_offset} ground-truth masks are left."
                 )
             mask_logits.extend(decoded.mask_logits)

@@ -69,6 +69,27 @@ def test_mixed_batch_keeps_frames_and_masks_aligned(tiny_model):
         torch.testing.assert_close(batched_logits, single.mask_logits[0], atol=1e-3, rtol=1e-4)
 
 
+def test_training_runs_the_adapter_on_segmentation_frames_only(tiny_model):
+    """Referring images get their LLM tokens from the ViT alone; the frames' maps and masks are those of the full path."""
+    sample = make_sample(num_frames=3, seed=3)
+    frames = sample["segmentation_frame_mask"]
+    assert not frames.all()
+    with torch.no_grad():
+        full = tiny_model.get_image_features(sample["pixel_values"])
+        some = tiny_model.get_image_features(sample["pixel_values"], maps_for=frames)
+        none = tiny_model.get_image_features(sample["pixel_values"], maps_for=torch.zeros_like(frames))
+        output = tiny_model(**sample)
+        seg_states = output.last_hidden_state[0][sample["input_ids"][0] == SEG_TOKEN]
+        expected = tiny_model.segment_frames(seg_states, [level[frames] for level in full.image_maps])
+    for features in (some, none):
+        torch.testing.assert_close(features.vision_embeds, full.vision_embeds)
+        torch.testing.assert_close(features.vit_last_hidden_state, full.vit_last_hidden_state)
+    assert none.image_maps == []
+    for level, full_level in zip(some.image_maps, full.image_maps):
+        torch.testing.assert_close(level, full_level[frames])
+    torch.testing.assert_close(output.mask_logits[0], expected.mask_logits[0])
+
+
 def test_wrong_number_of_ground_truth_masks_is_a_clear_error(tiny_model):
     sample = make_sample(num_frames=3)
     sample["gt_masks"] = sample["gt_masks"][:2]
