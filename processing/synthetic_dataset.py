@@ -72,6 +72,8 @@ REFAVS_NULL_TEXTS = (
     "The object making a continuous sound.",
 )
 REFERRING_SOUND_SECONDS = 1.0
+# every colour-shape name the synthetic scenes can hold
+SCENE_NAMES = tuple(f"the {colour} {shape}" for colour in SCENE_COLOURS for shape in SCENE_SHAPES)
 
 
 class MissingProgramError(RuntimeError):
@@ -169,9 +171,8 @@ def make_synthetic_dataset(
 
 def expression_corpus() -> list[str]:
     """Sentences with every word of the synthetic expressions and explanations, to learn tokenizer merges from."""
-    names = [f"the {colour} {shape}" for colour in SCENE_COLOURS for shape in SCENE_SHAPES]
     return [
-        " and ".join(names),
+        " and ".join(SCENE_NAMES),
         "the shape that is making a sound, the shape making the sound <audio>, the shape that looks like <image>",
         "Only the makes a sound. It is the only shape. Both are in the video. The video is silent, so no shape makes"
         " a sound. No shape appears in the video. The only shape in the video is a. No shape in the video makes this"
@@ -681,12 +682,11 @@ SPOKEN_TEMPLATES = tuple(
 
 def _spoken_expression(rng: np.random.Generator) -> str:
     """What an OmniAVS speech expression may say: a colour-shape name, a pair of them, or a fixed sentence."""
-    names = [f"the {colour} {shape}" for colour in SCENE_COLOURS for shape in SCENE_SHAPES]
     kind = int(rng.integers(3))
     if kind == 0:
-        return str(rng.choice(names))
+        return str(rng.choice(SCENE_NAMES))
     if kind == 1:
-        first, second = (str(name) for name in rng.choice(names, size=2, replace=False))
+        first, second = (str(name) for name in rng.choice(SCENE_NAMES, size=2, replace=False))
         return f"{first} and {second}"
     return str(rng.choice(SPOKEN_TEMPLATES))
 
@@ -707,12 +707,15 @@ def _write_audio_text(
         if index % 2 == 0:
             sentence = _spoken_expression(rng)
             synthesize_speech(speech_program, sentence, root / audio)
+            # espeak-ng writes its own sampling rate: count the samples the reader will get
+            num_samples = decode_audio(root / audio).size
             question, answer = TRANSCRIBE_QUESTION, sentence[0].upper() + sentence[1:] + "."
         else:
             shape = str(rng.choice(list(SCENE_SHAPES)))
-            _write_wav(root / audio, tone(TONES_HZ[shape], REFERRING_SOUND_SECONDS))
+            waveform = tone(TONES_HZ[shape], REFERRING_SOUND_SECONDS)
+            _write_wav(root / audio, waveform)
+            num_samples = waveform.size
             question, answer = TONE_QUESTION, f"The {shape}."
-        num_samples = decode_audio(root / audio).size
         entry = {
             "id": index,
             "audio": audio,
