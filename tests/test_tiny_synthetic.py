@@ -58,6 +58,7 @@ def test_synthetic_preset(synthetic_preset):
     config = OisaConfig.from_pretrained(synthetic_preset)
     assert config.profile == "fixed" and config.seg_hidden_state_source == "seg"
     assert config.vision_config.image_size == [128, 128] and config.num_image_tokens == 16
+    assert config.adapter_conv_inplane == 64
     processor = AutoProcessor.from_pretrained(synthetic_preset)
     # the LLM sees the 4 frames it is trained on (configs/oisa_tiny_synthetic*.json)
     assert (processor.max_visible_frames, processor.num_dense_frames) == (4, 2)
