@@ -122,8 +122,8 @@ def tiny_synthetic_config(
     """
     OISA-tiny-synthetic: the full architecture at a few million parameters, sized to be trained on CPU on the synthetic
     moving-shapes task (128-pixel frames in 16-pixel patches, a 3-layer 128-wide Qwen2, a 64-wide mask head, the
-    adapter's convolutional stem 64 channels wide), under
-    the `fixed` profile. The token ids are those of the synthetic tokenizer.
+    adapter's convolutional stem 64 channels wide), under the `fixed` profile. The token ids are those of the
+    synthetic tokenizer.
     """
     text = _tiny_qwen2_config(
         vocab_size, bos_token_id, eos_token_id, hidden_size=128, num_layers=3, max_positions=4096, rope_theta=1e4
