@@ -6,7 +6,7 @@
 #
 # About 3 hours on 2 CPU cores. Stopped part-way, the same command with the same WORK_DIR (default:
 # tiny-synthetic-run) goes on where it stopped: finished data and parts are kept, a part in progress resumes from its
-# last checkpoint (train.py --resume).
+# last checkpoint (train.py --resume). A WORK_DIR started by another version of the script or its configs is refused.
 set -euo pipefail
 
 WORK=${1:-tiny-synthetic-run}
@@ -14,7 +14,19 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 DEST="$REPO/modeling_oisa/checkpoints/oisa-tiny-synthetic"
 export HF_HUB_OFFLINE=1
 TRAIN=(accelerate launch --cpu --num_processes 1 "$REPO/train.py" --cpu --resume)
+
+# a WORK_DIR is resumed only by the recipe that started it (this script and its configs, unchanged): data and parts
+# kept from another recipe would be reused under the same names
+RECIPE=$(cd "$REPO" && sha256sum examples/train_oisa_tiny_synthetic.sh configs/oisa_tiny_synthetic*.json)
+if [ -e "$WORK" ] && [ -n "$(ls -A "$WORK")" ]; then
+    if [ ! -f "$WORK/RECIPE" ] || [ "$(cat "$WORK/RECIPE")" != "$RECIPE" ]; then
+        echo "$WORK holds the files of another recipe (its RECIPE stamp is missing or differs from this script and" \
+            "its configs); give a new WORK_DIR" >&2
+        exit 2
+    fi
+fi
 mkdir -p "$WORK/data"
+echo "$RECIPE" > "$WORK/RECIPE"
 
 # make_data NAME ARGS...: `oisa make-synthetic ARGS` into WORK/data/NAME, unless it is there already
 make_data() {

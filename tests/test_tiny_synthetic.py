@@ -1,7 +1,8 @@
-"""The `oisa-tiny-synthetic` name, the synthetic preset it is trained from, and `oisa demo`."""
+"""The `oisa-tiny-synthetic` name, the synthetic preset it is trained from, its recipe script, and `oisa demo`."""
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,17 @@ def test_demo_writes_its_pictures_videos_and_scores(shipped, tmp_path):
     picture = Image.open(out / "demo.png")
     assert picture.size == (4 * 256, 6 * (192 + 30))
     assert torch.tensor(list(picture.getdata())).float().std() > 10
+
+
+def test_the_recipe_refuses_a_work_dir_of_another_recipe(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "examples" / "train_oisa_tiny_synthetic.sh"
+    for work, stamp in ((tmp_path / "unstamped", None), (tmp_path / "other", "checksums of another recipe\n")):
+        (work / "images" / "final").mkdir(parents=True)
+        if stamp is not None:
+            (work / "RECIPE").write_text(stamp)
+        done = subprocess.run(["bash", str(script), str(work)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2
+        assert f"{work} holds the files of another recipe" in done.stderr
+        # nothing was made or overwritten
+        assert sorted(path.name for path in work.iterdir()) == (["images"] if stamp is None else ["RECIPE", "images"])
+        assert stamp is None or (work / "RECIPE").read_text() == stamp
