@@ -6,7 +6,8 @@
 #
 # About 3 hours on 2 CPU cores. Stopped part-way, the same command with the same WORK_DIR (default:
 # tiny-synthetic-run) goes on where it stopped: finished data and parts are kept, a part in progress resumes from its
-# last checkpoint (train.py --resume). A WORK_DIR started by another version of the script or its configs is refused.
+# last checkpoint (train.py --resume). Data and parts made by another version of a step (its command or config) are
+# refused, so a WORK_DIR of an earlier recipe goes on only where the steps it holds are unchanged.
 set -euo pipefail
 
 WORK=${1:-tiny-synthetic-run}
@@ -15,86 +16,113 @@ DEST="$REPO/modeling_oisa/checkpoints/oisa-tiny-synthetic"
 export HF_HUB_OFFLINE=1
 TRAIN=(accelerate launch --cpu --num_processes 1 "$REPO/train.py" --cpu --resume)
 
-# a WORK_DIR is resumed only by the recipe that started it (this script and its configs, unchanged): data and parts
-# kept from another recipe would be reused under the same names
-RECIPE=$(cd "$REPO" && sha256sum examples/train_oisa_tiny_synthetic.sh configs/oisa_tiny_synthetic*.json)
-if [ -e "$WORK" ] && [ -n "$(ls -A "$WORK")" ]; then
-    if [ ! -f "$WORK/RECIPE" ] || [ "$(cat "$WORK/RECIPE")" != "$RECIPE" ]; then
-        echo "$WORK holds the files of another recipe (its RECIPE stamp is missing or differs from this script and" \
-            "its configs); give a new WORK_DIR" >&2
+# check_or_stamp NAME TEXT: WORK/NAME (a data set, the untrained model or a part) is reused only if it was made by the
+# same recipe step, whose command and config checksum TEXT is; each is stamped in WORK/NAME.recipe before it is made,
+# and one stamped otherwise, or not at all, is refused rather than reused under the same name
+check_or_stamp() {
+    local name=$1 text=$2
+    if [ -e "$WORK/$name" ] && [ "$(cat "$WORK/$name.recipe" 2>/dev/null)" != "$text" ]; then
+        echo "$WORK/$name was made by another recipe (its stamp $WORK/$name.recipe is missing or differs);" \
+            "give a new WORK_DIR" >&2
         exit 2
     fi
-fi
-mkdir -p "$WORK/data"
-echo "$RECIPE" > "$WORK/RECIPE"
+    if [ "$MODE" = run ]; then
+        echo "$text" > "$WORK/$name.recipe"
+    fi
+}
 
 # make_data NAME ARGS...: `oisa make-synthetic ARGS` into WORK/data/NAME, unless it is there already
 make_data() {
     local name=$1
     shift
-    if [ ! -e "$WORK/data/$name" ]; then
+    check_or_stamp "data/$name" "oisa make-synthetic $*"
+    if [ "$MODE" = run ] && [ ! -e "$WORK/data/$name" ]; then
         rm -rf "$WORK/data/.$name.partial"
         oisa make-synthetic "$WORK/data/.$name.partial" "$@"
         mv "$WORK/data/.$name.partial" "$WORK/data/$name"
     fi
 }
 
-# train_part PART CONFIG MODEL ARGS...: train.py into WORK/PART, unless it has finished (its final model written)
+# train_part PART CONFIG FROM FORMAT=DATA...: train.py with configs/CONFIG from the final model of part FROM (or the
+# untrained model, init) on WORK/data/DATA read as FORMAT, into WORK/PART, unless it has finished
 train_part() {
-    local part=$1 config=$2 model=$3
+    local part=$1 config=$2 from=$3
     shift 3
-    if [ ! -e "$WORK/$part/final/trainer_state.json" ]; then
-        "${TRAIN[@]}" --config "$REPO/configs/$config" --model "$model" --output-dir "$WORK/$part" "$@"
+    local model="$WORK/$from/final" data=() entry
+    if [ "$from" = init ]; then
+        model="$WORK/init"
+    fi
+    for entry in "$@"; do
+        data+=(--data "${entry%%=*}=$WORK/data/${entry#*=}")
+    done
+    local checksum
+    checksum=$(sha256sum < "$REPO/configs/$config" | cut -c1-64)
+    check_or_stamp "$part" "train.py --config configs/$config $checksum --model $from $*"
+    if [ "$MODE" = run ] && [ ! -e "$WORK/$part/final/trainer_state.json" ]; then
+        "${TRAIN[@]}" --config "$REPO/configs/$config" --model "$model" --output-dir "$WORK/$part" "${data[@]}"
     fi
 }
 
-# the data, all for training: still images in the gRefCOCO layout, 3000 with half of them in one colour (seed 14) and
-# 3000 of three colours (seed 12); 3000 still images with image-text conversations, half in one colour (seed 15, 4
-# questions each); 3000 audio-text clips (seed 16); 600 clips in the OmniAVS layout with 3 null expressions each (seed
-# 11) and 600 with 6 (seed 17)
-make_data images --format grefcoco --videos 3000 --seed 14 --split train --single-colour-rate 0.5
-make_data images-3c --format grefcoco --videos 3000 --seed 12 --split train
-make_data image_text --format image_text --videos 3000 --seed 15 --split train --nulls-per-video 4 \
-    --single-colour-rate 0.5
-make_data audio_text --format audio_text --videos 3000 --seed 16 --split train
-make_data omniavs --format omniavs --videos 600 --seed 11 --split train --nulls-per-video 3
-make_data omniavs-nulls --format omniavs --videos 600 --seed 17 --split train --nulls-per-video 6
+recipe() {
+    # the data: still images in the gRefCOCO layout, 3000 with half of them in one colour (seed 14) and 3000 of three
+    # colours (seed 12); still images with image-text conversations, 3000 half in one colour (seed 15, 4 questions
+    # each) and 12000 more (seed 21); 3000 audio-text clips (seed 16); 600 clips in the OmniAVS layout with 3 null
+    # expressions each (seed 11) and 600 with 6 (seed 17); 40 held-out clips from another seed (2026)
+    make_data images --format grefcoco --videos 3000 --seed 14 --split train --single-colour-rate 0.5
+    make_data images-3c --format grefcoco --videos 3000 --seed 12 --split train
+    make_data image_text --format image_text --videos 3000 --seed 15 --split train --nulls-per-video 4 \
+        --single-colour-rate 0.5
+    make_data stills --format image_text --videos 12000 --seed 21 --split train --nulls-per-video 4 \
+        --single-colour-rate 0.5
+    make_data audio_text --format audio_text --videos 3000 --seed 16 --split train
+    make_data omniavs --format omniavs --videos 600 --seed 11 --split train --nulls-per-video 3
+    make_data omniavs-nulls --format omniavs --videos 600 --seed 17 --split train --nulls-per-video 6
+    make_data held-out --format omniavs --videos 40 --seed 2026 --split test
 
-# the untrained model (its LLM attention drawn wider than the default, see tiny.py)
-if [ ! -e "$WORK/init/model.safetensors" ]; then
-    oisa tiny-random "$WORK/init" --preset synthetic --seed 0
-fi
+    # the untrained model (its LLM attention drawn wider than the default, see tiny.py)
+    check_or_stamp init "oisa tiny-random --preset synthetic --seed 0"
+    if [ "$MODE" = run ] && [ ! -e "$WORK/init/model.safetensors" ]; then
+        oisa tiny-random "$WORK/init" --preset synthetic --seed 0
+    fi
 
-# part 1: 1500 steps of 8 still images each; part 2: 1500 steps of still images and conversations; part 3: 1500 steps
-# of conversations alone; part 4, four times, 4 samples a step, clips, still images, conversations and audio-text
-# clips mixed: 3900 steps, then 3900 with the three-colour still images, then twice 4350 with the clips of 6 null
-# expressions
-IMAGES=(--data grefcoco="$WORK/data/images")
-TEXT=(--data image_text="$WORK/data/image_text")
-AUDIO=(--data audio_text="$WORK/data/audio_text")
-train_part images oisa_tiny_synthetic_images.json "$WORK/init" "${IMAGES[@]}"
-train_part reading oisa_tiny_synthetic_reading.json "$WORK/images/final" "${IMAGES[@]}" "${TEXT[@]}"
-train_part questions oisa_tiny_synthetic_questions.json "$WORK/reading/final" "${TEXT[@]}"
-train_part clips oisa_tiny_synthetic.json "$WORK/questions/final" \
-    --data omniavs="$WORK/data/omniavs" "${IMAGES[@]}" "${TEXT[@]}" "${AUDIO[@]}"
-IMAGES=(--data grefcoco="$WORK/data/images-3c")
-train_part colours oisa_tiny_synthetic.json "$WORK/clips/final" \
-    --data omniavs="$WORK/data/omniavs" "${IMAGES[@]}" "${TEXT[@]}" "${AUDIO[@]}"
-NULLS=(--data omniavs="$WORK/data/omniavs-nulls" "${IMAGES[@]}" "${TEXT[@]}" "${AUDIO[@]}")
-train_part nulls oisa_tiny_synthetic.json "$WORK/colours/final" "${NULLS[@]}"
-train_part train oisa_tiny_synthetic.json "$WORK/nulls/final" "${NULLS[@]}"
+    # part 1: 1500 steps of 8 still images each; part 2: 1500 steps of still images and conversations; part 3: 1500
+    # steps of conversations alone; part 4, four times, 4 samples a step, clips, still images, conversations and
+    # audio-text clips mixed: 3900 steps, then 3900 with the three-colour still images, then twice 4350 with the
+    # clips of 6 null expressions; then 8000 steps of conversations on the 12000 more stills, where the vision tower
+    # learns the shapes, and part 4 once more
+    local mixed=(grefcoco=images-3c image_text=image_text audio_text=audio_text)
+    train_part images oisa_tiny_synthetic_images.json init grefcoco=images
+    train_part reading oisa_tiny_synthetic_reading.json images grefcoco=images image_text=image_text
+    train_part questions oisa_tiny_synthetic_questions.json reading image_text=image_text
+    train_part clips oisa_tiny_synthetic.json questions omniavs=omniavs grefcoco=images image_text=image_text \
+        audio_text=audio_text
+    train_part colours oisa_tiny_synthetic.json clips omniavs=omniavs "${mixed[@]}"
+    train_part nulls oisa_tiny_synthetic.json colours omniavs=omniavs-nulls "${mixed[@]}"
+    train_part train oisa_tiny_synthetic.json nulls omniavs=omniavs-nulls "${mixed[@]}"
+    train_part shapes oisa_tiny_synthetic_shapes.json train image_text=stills
+    train_part final oisa_tiny_synthetic.json shapes omniavs=omniavs-nulls "${mixed[@]}"
+}
 
-# 40 held-out clips from another seed (2026); the card gets their numbers
-make_data held-out --format omniavs --videos 40 --seed 2026 --split test
+# the recipe runs twice: first only checking the stamps of what WORK_DIR holds, so that nothing is made in a WORK_DIR
+# of another recipe, then making what is missing
+for MODE in check run; do
+    if [ "$MODE" = run ]; then
+        mkdir -p "$WORK/data"
+    fi
+    recipe
+done
+
+# the card gets the numbers of the 40 held-out clips
 rm -rf "$WORK/eval" "$WORK/card"
-accelerate launch --cpu --num_processes 1 "$REPO/eval.py" --model "$WORK/train/final" --dataset omniavs \
+accelerate launch --cpu --num_processes 1 "$REPO/eval.py" --model "$WORK/final/final" --dataset omniavs \
     --data-root "$WORK/data/held-out" --out "$WORK/eval" --card "$WORK/card" --card-template oisa-tiny-synthetic \
     --card-field repo_id=oisa-tiny-synthetic \
-    --card-field training_data="oisa make-synthetic: 6000 still images (seeds 14 and 12), 3000 image-text\
- conversations (seed 15), 3000 audio-text clips (seed 16) and 1200 clips (seeds 11 and 17)" \
+    --card-field training_data="oisa make-synthetic: 6000 still images (seeds 14 and 12), 15000 image-text\
+ conversations (seeds 15 and 21), 3000 audio-text clips (seed 16) and 1200 clips (seeds 11 and 17)" \
     --card-field training="examples/train_oisa_tiny_synthetic.sh: configs/oisa_tiny_synthetic_images.json\
  (1500 steps), oisa_tiny_synthetic_reading.json (1500), oisa_tiny_synthetic_questions.json (1500),\
- oisa_tiny_synthetic.json (3900, 3900, 4350 and 4350), on CPU"
+ oisa_tiny_synthetic.json (3900, 3900, 4350 and 4350), oisa_tiny_synthetic_shapes.json (8000),\
+ oisa_tiny_synthetic.json (4350), on CPU"
 
 # only a model that meets the targets is installed: J&F >= 0.8 overall and per type, null expressions answered
 # "No target matches this expression." at least 90% of the time
@@ -117,7 +145,7 @@ rm -rf "$DEST"
 mkdir -p "$DEST"
 for file in config.json generation_config.json model.safetensors processor_config.json tokenizer.json \
     tokenizer_config.json chat_template.jinja; do
-    cp "$WORK/train/final/$file" "$DEST/"
+    cp "$WORK/final/final/$file" "$DEST/"
 done
 cp "$WORK/card/README.md" "$DEST/README.md"
 echo "installed OISA-tiny-synthetic in $DEST"

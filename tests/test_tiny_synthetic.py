@@ -98,15 +98,23 @@ def test_demo_writes_its_pictures_videos_and_scores(shipped, tmp_path):
     assert torch.tensor(list(picture.getdata())).float().std() > 10
 
 
-def test_the_recipe_refuses_a_work_dir_of_another_recipe(tmp_path):
+def test_the_recipe_refuses_data_and_parts_of_another_recipe(tmp_path):
     script = Path(__file__).resolve().parents[1] / "examples" / "train_oisa_tiny_synthetic.sh"
-    for work, stamp in ((tmp_path / "unstamped", None), (tmp_path / "other", "checksums of another recipe\n")):
-        (work / "images" / "final").mkdir(parents=True)
+    # what WORK_DIR holds (a part, or data), and its stamp
+    cases = {
+        "unstamped-part": ("images", None),
+        "part-of-another-config": ("images", "train.py --config configs/other.json --model init\n"),
+        "data-of-other-arguments": ("data/images", "oisa make-synthetic --format grefcoco --seed 1\n"),
+    }
+    for case, (name, stamp) in cases.items():
+        work = tmp_path / case
+        (work / name / "final").mkdir(parents=True)
         if stamp is not None:
-            (work / "RECIPE").write_text(stamp)
+            (work / f"{name}.recipe").write_text(stamp)
+        before = sorted(path.relative_to(work) for path in work.rglob("*"))
         done = subprocess.run(["bash", str(script), str(work)], capture_output=True, text=True, timeout=60)
-        assert done.returncode == 2
-        assert f"{work} holds the files of another recipe" in done.stderr
-        # nothing was made or overwritten
-        assert sorted(path.name for path in work.iterdir()) == (["images"] if stamp is None else ["RECIPE", "images"])
-        assert stamp is None or (work / "RECIPE").read_text() == stamp
+        assert done.returncode == 2, case
+        assert f"{work / name} was made by another recipe" in done.stderr, case
+        # every stamp is checked before anything is made: nothing was made or overwritten
+        assert sorted(path.relative_to(work) for path in work.rglob("*")) == before, case
+        assert stamp is None or (work / f"{name}.recipe").read_text() == stamp, case
