@@ -200,6 +200,7 @@ def make_synthetic(
     split: str | None = None,
     nulls_per_video: int = 2,
     single_colour_rate: float = 0.0,
+    spoken_question_rate: float = 0.0,
 ) -> int:
     """`oisa make-synthetic`: a synthetic OmniAVS, Ref-AVS, gRefCOCO, image-text or audio-text set; 2 when it fails."""
     from .synthetic_dataset import MissingProgramError, make_synthetic_dataset
@@ -213,6 +214,7 @@ def make_synthetic(
             split=split,
             nulls_per_video=nulls_per_video,
             single_colour_rate=single_colour_rate,
+            spoken_question_rate=spoken_question_rate,
         )
     except (MissingProgramError, FileExistsError, ValueError) as error:
         logger.error("oisa make-synthetic: %s", error)
@@ -315,6 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="grefcoco and image_text: the share of images whose shapes all have one colour (default: 0)",
     )
+    synthetic.add_argument(
+        "--spoken-question-rate",
+        type=float,
+        default=0.0,
+        help="image_text: the share of images whose first question is spoken by espeak-ng (default: 0)",
+    )
 
     push = commands.add_parser(
         "push", help="publish a checkpoint to the Hugging Face Hub with its remote code and a model card"
@@ -381,7 +389,14 @@ def main(argv: list[str] | None = None) -> int:
             init_from_parts(args.internvl2, args.whisper, args.adapter, args.output_dir, args.seed)
         elif args.command == "make-synthetic":
             return make_synthetic(
-                args.out, args.format, args.videos, args.seed, args.split, args.nulls_per_video, args.single_colour_rate
+                args.out,
+                args.format,
+                args.videos,
+                args.seed,
+                args.split,
+                args.nulls_per_video,
+                args.single_colour_rate,
+                args.spoken_question_rate,
             )
         elif args.command == "push":
             return push_checkpoint(args)

@@ -8,8 +8,8 @@ or shape, a tone no shape in the clip makes, or "the shape that is making a soun
 expressions are spoken by `espeak-ng`, sounds are a shape's tone, images a crop of the shape. Ref-AVS: text
 expressions, one object each; `test_u` videos hold the class no other split has (the diamond); null rows live in
 `null_m-<vid>` (muted) and `null_c-<vid>` (a hum no shape makes) folders. Still images come in the gRefCOCO layout
-(referring expressions with masks) and as InternVL-style image-text conversations (`image_text`); `audio_text` holds
-spoken expressions to transcribe and tones to name the shape of.
+(referring expressions with masks) and as InternVL-style image-text conversations (`image_text`, optionally with
+spoken questions); `audio_text` holds spoken expressions to transcribe and tones to name the shape of.
 """
 
 from __future__ import annotations
@@ -117,6 +117,7 @@ def make_synthetic_dataset(
     explanation_rate: float = 0.5,
     split: str | None = None,
     single_colour_rate: float = 0.0,
+    spoken_question_rate: float = 0.0,
 ) -> SyntheticDataset:
     """
     Writes a synthetic dataset of `num_videos` clips (still images for gRefCOCO and image-text, audio clips for
@@ -126,8 +127,9 @@ def make_synthetic_dataset(
     questions per image-text image. `explanation_rate`: the
     share of OmniAVS expressions with an explanation. `split`: put every video in this split instead of spreading them
     over the format's splits (the clips and expressions stay those of the same seed). `single_colour_rate`: the share
-    of still images whose three shapes share one colour, so that only their shapes tell them apart. OmniAVS and
-    audio-text need `espeak-ng` for their speech.
+    of still images whose three shapes share one colour, so that only their shapes tell them apart.
+    `spoken_question_rate`: the share of image-text images whose first question is spoken. OmniAVS, audio-text and
+    spoken questions need `espeak-ng` for their speech.
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
@@ -139,6 +141,10 @@ def make_synthetic_dataset(
         raise ValueError(f"single_colour_rate must be between 0 and 1, got {single_colour_rate}")
     if single_colour_rate and format not in STILL_IMAGE_FORMATS:
         raise ValueError(f"single_colour_rate applies to the still-image formats {STILL_IMAGE_FORMATS}, not {format}")
+    if not 0.0 <= spoken_question_rate <= 1.0:
+        raise ValueError(f"spoken_question_rate must be between 0 and 1, got {spoken_question_rate}")
+    if spoken_question_rate and format != "image_text":
+        raise ValueError(f"spoken_question_rate applies to the image_text format, not {format}")
     cycle = {
         "omniavs": OMNIAVS_SPLIT_CYCLE,
         "refavs": REFAVS_SPLIT_CYCLE,
@@ -152,7 +158,8 @@ def make_synthetic_dataset(
     root = Path(out_dir)
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"{root} is not empty; the synthetic dataset needs a new folder")
-    speech_program = _speech_program() if format in ("omniavs", "audio_text") else ""
+    speaks = format in ("omniavs", "audio_text") or spoken_question_rate > 0
+    speech_program = _speech_program() if speaks else ""
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     geometry = {"num_frames": num_frames, "height": height, "width": width, "fps": fps}
@@ -163,7 +170,17 @@ def make_synthetic_dataset(
     if format == "grefcoco":
         return _write_grefcoco(root, rng, num_videos, geometry, nulls_per_video, split_cycle, single_colour_rate)
     if format == "image_text":
-        return _write_image_text(root, rng, num_videos, geometry, nulls_per_video, split_cycle, single_colour_rate)
+        return _write_image_text(
+            root,
+            rng,
+            num_videos,
+            geometry,
+            nulls_per_video,
+            split_cycle,
+            single_colour_rate,
+            spoken_question_rate,
+            speech_program,
+        )
     if format == "audio_text":
         return _write_audio_text(root, rng, num_videos, speech_program, split_cycle)
     return _write_refavs(root, rng, num_videos, geometry, nulls_per_video, split_cycle)
@@ -607,20 +624,24 @@ def _write_grefcoco(
 # ---------------------------------------------------------------- image-text conversations
 
 NAMING_QUESTION = "Name the shapes from left to right."
+# how a spoken presence question refers to its clip, as the speech expressions' question does
+SPOKEN_REFERENCE = "<ref><audio></ref>"
 
 
-def _presence_question(clip: SyntheticClip, rng: np.random.Generator, present: bool) -> tuple[str, str]:
-    """"Is there a ...?" about a colour-shape combination, a colour alone or a shape alone, and its answer."""
+def _presence_thing(clip: SyntheticClip, rng: np.random.Generator, present: bool) -> str:
+    """What a presence question asks about: a colour-shape combination, a colour alone or a shape alone."""
     kind = int(rng.integers(3))
     if present:
         shape = str(rng.choice(list(clip.masks)))
-        thing = [f"{clip.colours[shape]} {shape}", f"{clip.colours[shape]} shape", shape][kind]
-    elif kind == 0:
-        thing = _absent_object_expression(clip, rng).text.removeprefix("the ")
-    else:
-        thing = _absent_part_expression(clip, rng).removeprefix("the ")
+        return [f"{clip.colours[shape]} {shape}", f"{clip.colours[shape]} shape", shape][kind]
+    if kind == 0:
+        return _absent_object_expression(clip, rng).text.removeprefix("the ")
+    return _absent_part_expression(clip, rng).removeprefix("the ")
+
+
+def _text_presence_question(thing: str) -> str:
     article = "an" if thing[0] in "aeiou" else "a"
-    return f"Is there {article} {thing} in the picture?", "Yes." if present else "No."
+    return f"Is there {article} {thing} in the picture?"
 
 
 def _write_image_text(
@@ -631,31 +652,49 @@ def _write_image_text(
     questions_per_image: int,
     split_cycle: Sequence[str],
     single_colour_rate: float,
+    spoken_question_rate: float,
+    speech_program: str,
 ) -> SyntheticDataset:
     """
     Still images of three shapes with InternVL-style conversations (`<split>.jsonl`): `questions_per_image` questions
     on whether a colour, a shape or a combination is in the picture (half of them answered "No."), then the shapes
     named from left to right. They teach a model trained from scratch to read its image tokens, which deciding that
-    nothing matches an expression needs. The "No." answers count as null expressions.
+    nothing matches an expression needs. The "No." answers count as null expressions. With probability
+    `spoken_question_rate` an image's first question is spoken instead ("Is <ref><audio></ref> in the picture?", the
+    clip saying "the red circle" as OmniAVS speech expressions do; one clip per phrase, under `audios/`), so that
+    spoken words too get checked against the picture.
     """
     lines: dict[str, list[str]] = {split: [] for split in sorted(set(split_cycle))}
     counts: Counter[str] = Counter()
     nulls: Counter[str] = Counter()
+    spoken_lengths: dict[str, list[int]] = {}
     for index, split, shapes, clip in _still_scenes(rng, num_images, geometry, split_cycle, single_colour_rate):
         image = f"images/{index:06d}.jpg"
         _save_image(root / image, clip.frames[0])
+        entry: dict = {"id": index, "image": image}
+        spoken = questions_per_image > 0 and spoken_question_rate > 0 and rng.random() < spoken_question_rate
         turns = []
         for k in range(questions_per_image):
             present = bool(rng.random() < 0.5)
-            question, answer = _presence_question(clip, rng, present)
-            turns += [("human", f"<image>\n{question}" if k == 0 else question), ("gpt", answer)]
+            thing = _presence_thing(clip, rng, present)
+            question = _text_presence_question(thing)
+            if spoken and k == 0:
+                phrase = f"the {thing}"
+                entry["audio"] = f"audios/{phrase.replace(' ', '_')}.wav"
+                if phrase not in spoken_lengths:
+                    synthesize_speech(speech_program, phrase, root / entry["audio"])
+                    # espeak-ng writes its own sampling rate: count the samples the reader will get
+                    spoken_lengths[phrase] = list(expected_audio_length(decode_audio(root / entry["audio"]).size))
+                entry["audio_length"] = spoken_lengths[phrase]
+                question = f"Is {SPOKEN_REFERENCE} in the picture?"
+            turns += [("human", f"<image>\n{question}" if k == 0 else question), ("gpt", "Yes." if present else "No.")]
             nulls[split] += not present
         centre_x = {shape: np.nonzero(clip.masks[shape][0])[1].mean() for shape in shapes}
         names = [f"the {_name(clip, shape)}" for shape in sorted(shapes, key=centre_x.get)]
         naming = f"{', '.join(names[:-1])} and {names[-1]}."
         naming = naming[0].upper() + naming[1:]
         turns += [("human", NAMING_QUESTION if turns else f"<image>\n{NAMING_QUESTION}"), ("gpt", naming)]
-        entry = {"id": index, "image": image, "conversations": [{"from": r, "value": v} for r, v in turns]}
+        entry["conversations"] = [{"from": r, "value": v} for r, v in turns]
         lines[split].append(json.dumps(entry))
         counts[split] += questions_per_image + 1
     for split, split_lines in lines.items():

@@ -19,6 +19,7 @@ from .training_conversation import ConversationReader, tokenize_conversation
 
 
 AUDIO_PLACEHOLDER = "<audio>"
+AUDIO_LENGTH_ERROR = "'audio_length' must be [after_cnn, tokens, tokens + 2], got {!r}"
 
 
 def mel_frames(num_samples: int) -> int:
@@ -30,6 +31,18 @@ def expected_audio_length(num_samples: int) -> tuple[int, int, int]:
     """`[after_cnn, token_num, token_num + 2]` of a 16 kHz clip, as the release precomputes it (spec §2.5)."""
     tokens = audio_token_count(num_samples)
     return math.ceil(mel_frames(num_samples) / 2), tokens, tokens + 2
+
+
+def parse_audio_length(value: object) -> tuple[int, int, int] | None:
+    """A jsonl line's `audio_length` as a tuple, or None unless it is `[after_cnn, tokens, tokens + 2]` of ints."""
+    if (
+        not isinstance(value, list)
+        or len(value) != 3
+        or not all(isinstance(item, int) and not isinstance(item, bool) for item in value)
+        or value[2] != value[1] + 2
+    ):
+        return None
+    return value[0], value[1], value[2]
 
 
 @dataclass(frozen=True)
@@ -56,21 +69,39 @@ class AudioTextReader(ConversationReader[AudioTextRecord]):
     def _make_record(
         self, entry: dict, key: str, media_path: Path, conversation: tuple[tuple[str, str], ...]
     ) -> AudioTextRecord:
-        length = entry.get("audio_length")
-        if (
-            not isinstance(length, list)
-            or len(length) != 3
-            or not all(isinstance(value, int) and not isinstance(value, bool) for value in length)
-            or length[2] != length[1] + 2
-        ):
-            raise self._error(f"'audio_length' must be [after_cnn, tokens, tokens + 2], got {length!r}", key)
+        length = parse_audio_length(entry.get("audio_length"))
+        if length is None:
+            raise self._error(AUDIO_LENGTH_ERROR.format(entry.get("audio_length")), key)
         return AudioTextRecord(
             dataset=self.dataset,
             key=key,
             audio_path=media_path,
-            audio_length=(length[0], length[1], length[2]),
+            audio_length=length,
             conversation=conversation,
         )
+
+
+def expression_audio(
+    path: Path, audio_length: tuple[int, int, int], processor: OisaProcessor, *, dataset: str, record: str
+) -> tuple[str, torch.Tensor, int]:
+    """
+    A conversation's clip as an expression clip (token mode 1): its `<aud>` block, its log-mel features (1, mels,
+    frames) and its real mel frame count. Raises `OisaDataError` where the declared `audio_length` does not match.
+    """
+    waveform = processor.load_audio(path, "Audio")
+    actual = expected_audio_length(waveform.size)
+    if actual != audio_length:
+        # the prompt would hold `audio_length[1]` context tokens while the model fills the count of the file
+        raise OisaDataError(
+            f"'audio_length' {list(audio_length)} does not match the audio, which gives {list(actual)}",
+            dataset=dataset,
+            record=record,
+            path=path,
+        )
+    features = processor.feature_extractor(
+        [waveform], sampling_rate=SAMPLING_RATE, padding="max_length", truncation=True, return_tensors="pt"
+    )["input_features"]
+    return processor._audio_tokens(actual[1]), features, mel_frames(waveform.size)
 
 
 def build_audio_text_sample(
@@ -85,23 +116,11 @@ def build_audio_text_sample(
     clip, token mode 1), the conversation with labels on the gpt turns, no image and no mask. `num_frames`,
     `num_dense_frames` and `profile` are the shared builder signature; they do not apply here.
     """
-    waveform = processor.load_audio(record.audio_path, "Audio")
-    actual = expected_audio_length(waveform.size)
-    if actual != record.audio_length:
-        # the prompt would hold `audio_length[1]` context tokens while the model fills the count of the file
-        raise OisaDataError(
-            f"'audio_length' {list(record.audio_length)} does not match the audio, which gives {list(actual)}",
-            dataset=record.dataset,
-            record=record.key,
-            path=record.audio_path,
-        )
-    block = processor._audio_tokens(actual[1])
+    block, features, num_mel_frames = expression_audio(
+        record.audio_path, record.audio_length, processor, dataset=record.dataset, record=record.key
+    )
     messages = [{"role": role, "content": text.replace(AUDIO_PLACEHOLDER, block)} for role, text in record.conversation]
     input_ids, labels = tokenize_conversation(processor, messages)
-
-    features = processor.feature_extractor(
-        [waveform], sampling_rate=SAMPLING_RATE, padding="max_length", truncation=True, return_tensors="pt"
-    )["input_features"]
     size = processor.image_processor.size["height"]
     return {
         "input_ids": input_ids,
@@ -111,7 +130,7 @@ def build_audio_text_sample(
         "image_token_modes": torch.zeros(0, dtype=torch.long),
         "segmentation_frame_mask": torch.zeros(0, dtype=torch.bool),
         "input_features": features,
-        "audio_feature_lengths": torch.tensor([mel_frames(waveform.size)]),
+        "audio_feature_lengths": torch.tensor([num_mel_frames]),
         "audio_token_modes": torch.tensor([1]),
         "gt_masks": torch.zeros(0, size, size),
         "gt_mask_valid": torch.zeros(0, dtype=torch.bool),

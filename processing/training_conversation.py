@@ -118,11 +118,18 @@ class ConversationReader(Sequence[RecordT], Generic[RecordT]):
         roles = [role for role, _ in conversation]
         if roles[0] != "user" or "assistant" not in roles:
             raise self._error("the conversation must start with a human turn and hold a gpt turn", key)
-        placeholders = [(role, text.count(self.placeholder)) for role, text in conversation]
-        in_user_turn = any(count and role == "user" for role, count in placeholders)
-        if sum(count for _, count in placeholders) != 1 or not in_user_turn:
-            raise self._error(f"the conversation needs exactly one {self.placeholder}, in a human turn", key)
+        self._check_placeholder(conversation, self.placeholder, key)
         return tuple(conversation)
+
+    def _check_placeholder(
+        self, conversation: Sequence[tuple[str, str]], placeholder: str, key: str, expected: int = 1
+    ) -> None:
+        """Raises unless `placeholder` occurs `expected` times (0 or 1), in a human turn."""
+        counts = [(role, text.count(placeholder)) for role, text in conversation]
+        in_user_turn = any(count and role == "user" for role, count in counts)
+        if sum(count for _, count in counts) != expected or (expected and not in_user_turn):
+            wanted = f"exactly one {placeholder}, in a human turn" if expected else f"no {placeholder}"
+            raise self._error(f"the conversation needs {wanted}", key)
 
 
 def tokenize_conversation(

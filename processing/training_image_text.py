@@ -1,6 +1,7 @@
 """
 Image-text conversation sets (InternVL's chat layout: captioning, visual QA): the jsonl reader and its training
-samples, one image in a multi-turn Hermes-2 conversation with labels on the answers, no mask and no audio.
+samples, one image in a multi-turn Hermes-2 conversation with labels on the answers, no mask. A line may also hold one
+spoken clip (`audio`, `audio_length` as in the audio-text sets), for questions asked in speech about the image.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from pathlib import Path
 
 import torch
 
+from .errors import OisaDataError, resolve_inside
 from .media import load_image
 from .processing_oisa import OisaProcessor
+from .training_audio_text import AUDIO_LENGTH_ERROR, AUDIO_PLACEHOLDER, expression_audio, parse_audio_length
 from .training_conversation import ConversationReader, tokenize_conversation
 from .training_image import NUM_MEL_BINS, NUM_MEL_FRAMES
 
@@ -21,19 +24,22 @@ IMAGE_PLACEHOLDER = "<image>"
 
 @dataclass(frozen=True)
 class ImageTextRecord:
-    """One jsonl line: an image and the conversation about it as (role, text) turns."""
+    """One jsonl line: an image, the conversation about it as (role, text) turns and, optionally, a spoken clip."""
 
     dataset: str
     key: str
     image_path: Path
     conversation: tuple[tuple[str, str], ...]
+    audio_path: Path | None = None
+    audio_length: tuple[int, int, int] | None = None
 
 
 class ImageTextReader(ConversationReader[ImageTextRecord]):
     """
     The lines of an image-text jsonl (`annotation`, default `<root>/<split>.jsonl`), each an `image` path relative to
-    `root` and `conversations` holding one `<image>` in a human turn. A problem raises `OisaDataError`; with
-    `skip_bad=True` it is appended to `skipped` as (record id, error) instead.
+    `root` and `conversations` holding one `<image>` in a human turn; a line with an `audio` path (and its
+    `audio_length`) holds one `<audio>` in a human turn too. A problem raises `OisaDataError`; with `skip_bad=True` it
+    is appended to `skipped` as (record id, error) instead.
     """
 
     media_key, placeholder, default_dataset = "image", IMAGE_PLACEHOLDER, "image_text"
@@ -41,7 +47,27 @@ class ImageTextReader(ConversationReader[ImageTextRecord]):
     def _make_record(
         self, entry: dict, key: str, media_path: Path, conversation: tuple[tuple[str, str], ...]
     ) -> ImageTextRecord:
-        return ImageTextRecord(dataset=self.dataset, key=key, image_path=media_path, conversation=conversation)
+        audio = entry.get("audio")
+        if audio is None:
+            self._check_placeholder(conversation, AUDIO_PLACEHOLDER, key, expected=0)
+            return ImageTextRecord(dataset=self.dataset, key=key, image_path=media_path, conversation=conversation)
+        if not isinstance(audio, str):
+            raise self._error("'audio' must be a path relative to the root", key)
+        audio_path = resolve_inside(self.root, audio, dataset=self.dataset, record=key)
+        if self.check_files and not audio_path.is_file():
+            raise OisaDataError("audio file not found", dataset=self.dataset, record=key, path=audio_path)
+        length = parse_audio_length(entry.get("audio_length"))
+        if length is None:
+            raise self._error(AUDIO_LENGTH_ERROR.format(entry.get("audio_length")), key)
+        self._check_placeholder(conversation, AUDIO_PLACEHOLDER, key)
+        return ImageTextRecord(
+            dataset=self.dataset,
+            key=key,
+            image_path=media_path,
+            conversation=conversation,
+            audio_path=audio_path,
+            audio_length=length,
+        )
 
 
 def build_image_text_sample(
@@ -52,13 +78,24 @@ def build_image_text_sample(
     profile: str = "release",
 ) -> dict[str, torch.Tensor]:
     """
-    One training sample from an image-text record: the image as one dense frame in place of `<image>`, labels on the
-    gpt turns, no mask and no audio. `num_frames`, `num_dense_frames` and `profile` are the shared builder signature;
-    they do not apply here.
+    One training sample from an image-text record: the image as one dense frame in place of `<image>`, the spoken clip
+    (if any) as an expression clip in place of `<audio>`, labels on the gpt turns, no mask. `num_frames`,
+    `num_dense_frames` and `profile` are the shared builder signature; they do not apply here.
     """
     image = load_image(record.image_path, "Image")
-    block = processor._image_tokens(processor.num_image_tokens)
-    messages = [{"role": role, "content": text.replace(IMAGE_PLACEHOLDER, block)} for role, text in record.conversation]
+    blocks = {IMAGE_PLACEHOLDER: processor._image_tokens(processor.num_image_tokens)}
+    input_features = torch.zeros(0, NUM_MEL_BINS, NUM_MEL_FRAMES)
+    audio_feature_lengths, audio_token_modes = torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    if record.audio_path is not None and record.audio_length is not None:
+        blocks[AUDIO_PLACEHOLDER], input_features, num_mel_frames = expression_audio(
+            record.audio_path, record.audio_length, processor, dataset=record.dataset, record=record.key
+        )
+        audio_feature_lengths, audio_token_modes = torch.tensor([num_mel_frames]), torch.tensor([1])
+    messages = []
+    for role, text in record.conversation:
+        for placeholder, block in blocks.items():
+            text = text.replace(placeholder, block)
+        messages.append({"role": role, "content": text})
     input_ids, labels = tokenize_conversation(processor, messages)
     size = processor.image_processor.size["height"]
     return {
@@ -68,9 +105,9 @@ def build_image_text_sample(
         "pixel_values": processor.image_processor(images=[image], return_tensors="pt")["pixel_values"],
         "image_token_modes": torch.tensor([2]),
         "segmentation_frame_mask": torch.tensor([False]),
-        "input_features": torch.zeros(0, NUM_MEL_BINS, NUM_MEL_FRAMES),
-        "audio_feature_lengths": torch.zeros(0, dtype=torch.long),
-        "audio_token_modes": torch.zeros(0, dtype=torch.long),
+        "input_features": input_features,
+        "audio_feature_lengths": audio_feature_lengths,
+        "audio_token_modes": audio_token_modes,
         "gt_masks": torch.zeros(0, size, size),
         "gt_mask_valid": torch.zeros(0, dtype=torch.bool),
     }
