@@ -201,6 +201,7 @@ def make_synthetic(
     nulls_per_video: int = 2,
     single_colour_rate: float = 0.0,
     spoken_question_rate: float = 0.0,
+    silent_name_nulls: bool = False,
 ) -> int:
     """`oisa make-synthetic`: a synthetic OmniAVS, Ref-AVS, gRefCOCO, image-text or audio-text set; 2 when it fails."""
     from .synthetic_dataset import MissingProgramError, make_synthetic_dataset
@@ -215,6 +216,7 @@ def make_synthetic(
             nulls_per_video=nulls_per_video,
             single_colour_rate=single_colour_rate,
             spoken_question_rate=spoken_question_rate,
+            silent_name_nulls=silent_name_nulls,
         )
     except (MissingProgramError, FileExistsError, ValueError) as error:
         logger.error("oisa make-synthetic: %s", error)
@@ -323,6 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="image_text: the share of images whose first question is spoken by espeak-ng (default: 0)",
     )
+    synthetic.add_argument(
+        "--silent-name-nulls",
+        action="store_true",
+        help="omniavs: in silent clips, every other pair of null expressions names an absent object rather than "
+        "asking for the sounding shape",
+    )
 
     push = commands.add_parser(
         "push", help="publish a checkpoint to the Hugging Face Hub with its remote code and a model card"
@@ -397,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.nulls_per_video,
                 args.single_colour_rate,
                 args.spoken_question_rate,
+                args.silent_name_nulls,
             )
         elif args.command == "push":
             return push_checkpoint(args)

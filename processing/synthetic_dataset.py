@@ -118,6 +118,7 @@ def make_synthetic_dataset(
     split: str | None = None,
     single_colour_rate: float = 0.0,
     spoken_question_rate: float = 0.0,
+    silent_name_nulls: bool = False,
 ) -> SyntheticDataset:
     """
     Writes a synthetic dataset of `num_videos` clips (still images for gRefCOCO and image-text, audio clips for
@@ -128,7 +129,9 @@ def make_synthetic_dataset(
     share of OmniAVS expressions with an explanation. `split`: put every video in this split instead of spreading them
     over the format's splits (the clips and expressions stay those of the same seed). `single_colour_rate`: the share
     of still images whose three shapes share one colour, so that only their shapes tell them apart.
-    `spoken_question_rate`: the share of image-text images whose first question is spoken. OmniAVS, audio-text and
+    `spoken_question_rate`: the share of image-text images whose first question is spoken. `silent_name_nulls`: in
+    silent OmniAVS clips, every other pair of planned null expressions names an absent object rather than asking for
+    the sounding shape, so that silence alone does not tell that a name refers to something. OmniAVS, audio-text and
     spoken questions need `espeak-ng` for their speech.
     """
     if format not in FORMATS:
@@ -145,6 +148,8 @@ def make_synthetic_dataset(
         raise ValueError(f"spoken_question_rate must be between 0 and 1, got {spoken_question_rate}")
     if spoken_question_rate and format != "image_text":
         raise ValueError(f"spoken_question_rate applies to the image_text format, not {format}")
+    if silent_name_nulls and format != "omniavs":
+        raise ValueError(f"silent_name_nulls applies to the omniavs format, not {format}")
     cycle = {
         "omniavs": OMNIAVS_SPLIT_CYCLE,
         "refavs": REFAVS_SPLIT_CYCLE,
@@ -165,7 +170,15 @@ def make_synthetic_dataset(
     geometry = {"num_frames": num_frames, "height": height, "width": width, "fps": fps}
     if format == "omniavs":
         return _write_omniavs(
-            root, rng, num_videos, geometry, nulls_per_video, explanation_rate, speech_program, split_cycle
+            root,
+            rng,
+            num_videos,
+            geometry,
+            nulls_per_video,
+            explanation_rate,
+            speech_program,
+            split_cycle,
+            silent_name_nulls,
         )
     if format == "grefcoco":
         return _write_grefcoco(root, rng, num_videos, geometry, nulls_per_video, split_cycle, single_colour_rate)
@@ -300,11 +313,16 @@ def _absent_part_expression(clip: SyntheticClip, rng: np.random.Generator) -> st
     return f"the {_absent_shape(clip, rng)}"
 
 
-def _plain_expression(clip: SyntheticClip, rng: np.random.Generator, null: bool) -> _Expression:
-    """Text only: by colour and shape, by sound, or two objects; null: an absent colour or shape, or a silent clip."""
+def _plain_expression(
+    clip: SyntheticClip, rng: np.random.Generator, null: bool, absent_name: bool = False
+) -> _Expression:
+    """
+    Text only: by colour and shape, by sound, or two objects; null: an absent colour or shape, or, in a silent clip
+    unless `absent_name`, the shape that is making a sound.
+    """
     shapes = list(clip.masks)
     if null:
-        if clip.sounding is None:
+        if clip.sounding is None and not absent_name:
             explanation = "The video is silent, so no shape makes a sound."
             return _Expression("", "the shape that is making a sound", (), explanation)
         return _absent_object_expression(clip, rng)
@@ -374,10 +392,13 @@ def _sound_image_expression(clip: SyntheticClip, rng: np.random.Generator, null:
     return _Expression("", text, (shape,), explanation, sound=sound, image=shape_crop(clip, shape))
 
 
-def _plan_expression(clip: SyntheticClip, rng: np.random.Generator, expr_type: str, null: bool) -> _Expression:
+def _plan_expression(
+    clip: SyntheticClip, rng: np.random.Generator, expr_type: str, null: bool, absent_name: bool = False
+) -> _Expression:
     _, has_sound, has_image = referring_modalities(expr_type)
+    if not has_sound and not has_image:
+        return replace(_plain_expression(clip, rng, null, absent_name), expr_type=expr_type)
     build = {
-        (False, False): _plain_expression,
         (True, False): _sound_expression,
         (False, True): _image_expression,
         (True, True): _sound_image_expression,
@@ -399,6 +420,7 @@ def _write_omniavs(
     explanation_rate: float,
     speech_program: str,
     split_cycle: Sequence[str],
+    silent_name_nulls: bool,
 ) -> SyntheticDataset:
     video_dict: dict[str, dict] = {}
     lines: dict[str, list[str]] = {split: [] for split in sorted(set(split_cycle))}
@@ -424,16 +446,19 @@ def _write_omniavs(
             },
         }
         silent = clip.sounding is None
-        # A silent clip's sound expressions are null already; its planned nulls ask for "the shape that is making a
-        # sound". Other clips take the null types in turn, so that a few videos cover all eight.
+        # A silent clip's sound expressions are null already; its planned nulls are text and speech in turn, asking for
+        # "the shape that is making a sound" (with `silent_name_nulls`, every other text-speech pair names an absent
+        # object instead). Other clips take the null types in turn, so that a few videos cover all eight.
         first = index * nulls_per_video
         null_types = [
             PLAIN_TYPES[k % len(PLAIN_TYPES)] if silent else EXPRESSION_TYPES[(first + k) % len(EXPRESSION_TYPES)]
             for k in range(nulls_per_video)
         ]
-        plan = [(expr_type, False) for expr_type in EXPRESSION_TYPES] + [(expr_type, True) for expr_type in null_types]
-        for exp_id, (expr_type, null) in enumerate(plan):
-            expression = _plan_expression(clip, rng, expr_type, null)
+        absent_names = [silent_name_nulls and (k // len(PLAIN_TYPES)) % 2 == 1 for k in range(nulls_per_video)]
+        plan = [(expr_type, False, False) for expr_type in EXPRESSION_TYPES]
+        plan += [(expr_type, True, absent_name) for expr_type, absent_name in zip(null_types, absent_names)]
+        for exp_id, (expr_type, null, absent_name) in enumerate(plan):
+            expression = _plan_expression(clip, rng, expr_type, null, absent_name)
             has_speech, _, _ = referring_modalities(expr_type)
             stem = f"{video}_{exp_id}"
             entry = {
