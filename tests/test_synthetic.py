@@ -149,6 +149,34 @@ def test_one_split_holds_every_video_with_the_same_content(tmp_path, omniavs_roo
         make_synthetic_dataset(tmp_path / "bad", "omniavs", num_videos=1, split="val")
 
 
+
+@needs_espeak
+def test_silent_name_nulls_name_absent_objects_in_silent_clips(tmp_path):
+    common = {"num_videos": 2, "seed": 1, "split": "train", "nulls_per_video": 6, **SMALL}
+    make_synthetic_dataset(tmp_path / "plain", "omniavs", **common)
+    make_synthetic_dataset(tmp_path / "names", "omniavs", silent_name_nulls=True, **common)
+    plain, names = OmniAVSReader(tmp_path / "plain", "train"), OmniAVSReader(tmp_path / "names", "train")
+    # video 0 sounds and comes first: the same; video 1 is silent
+    assert [(r.exp_id, r.text) for r in plain if r.video_id == "video0000"] == [
+        (r.exp_id, r.text) for r in names if r.video_id == "video0000"
+    ]
+    assert not decode_audio(tmp_path / "names" / "audios" / "video0001.mp3").any()
+    plain_nulls = [r for r in plain if r.video_id == "video0001" and int(r.exp_id) >= len(EXPRESSION_TYPES)]
+    name_nulls = [r for r in names if r.video_id == "video0001" and int(r.exp_id) >= len(EXPRESSION_TYPES)]
+    assert [r.expr_type for r in name_nulls] == ["text", "speech"] * 3 and all(r.is_null for r in name_nulls)
+    assert {r.text for r in plain_nulls} == {"the shape that is making a sound"}
+    sounding = [r.text == "the shape that is making a sound" for r in name_nulls]
+    assert sounding == [True, True, False, False, True, True]
+    # the other pair names an object, by colour and shape, that the clip does not hold
+    frame = np.asarray(Image.open(tmp_path / "names" / "images" / "video0001" / "00000.jpg").convert("RGB")).astype(int)
+    for record in name_nulls[2:4]:
+        _, colour, shape = record.text.split()
+        assert colour in SCENE_COLOURS and shape in SCENE_SHAPES
+        colour_present = (np.abs(frame - np.array(SCENE_COLOURS[colour])).sum(axis=-1) < 60).sum() > 20
+        assert not colour_present or "The only" in (record.explanation or "The only")
+    with pytest.raises(ValueError, match="silent_name_nulls applies to the omniavs format"):
+        make_synthetic_dataset(tmp_path / "bad", "refavs", silent_name_nulls=True)
+
 def test_grefcoco_images_read_back_with_their_masks(tmp_path):
     from processing_oisa.training_image import decode_coco_segmentation
 
