@@ -152,7 +152,7 @@ def test_one_split_holds_every_video_with_the_same_content(tmp_path, omniavs_roo
 
 @needs_espeak
 def test_silent_name_nulls_name_absent_objects_in_silent_clips(tmp_path):
-    common = {"num_videos": 2, "seed": 1, "split": "train", "nulls_per_video": 6, **SMALL}
+    common = {"num_videos": 2, "seed": 1, "split": "train", "nulls_per_video": 6, "explanation_rate": 1.0, **SMALL}
     make_synthetic_dataset(tmp_path / "plain", "omniavs", **common)
     make_synthetic_dataset(tmp_path / "names", "omniavs", silent_name_nulls=True, **common)
     plain, names = OmniAVSReader(tmp_path / "plain", "train"), OmniAVSReader(tmp_path / "names", "train")
@@ -167,13 +167,18 @@ def test_silent_name_nulls_name_absent_objects_in_silent_clips(tmp_path):
     assert {r.text for r in plain_nulls} == {"the shape that is making a sound"}
     sounding = [r.text == "the shape that is making a sound" for r in name_nulls]
     assert sounding == [True, True, False, False, True, True]
-    # the other pair names an object, by colour and shape, that the clip does not hold
+    # the other pair names an object, by colour and shape, that the clip does not hold: an absent colour, or the
+    # colour of a shape of another kind
     frame = np.asarray(Image.open(tmp_path / "names" / "images" / "video0001" / "00000.jpg").convert("RGB")).astype(int)
     for record in name_nulls[2:4]:
         _, colour, shape = record.text.split()
         assert colour in SCENE_COLOURS and shape in SCENE_SHAPES
         colour_present = (np.abs(frame - np.array(SCENE_COLOURS[colour])).sum(axis=-1) < 60).sum() > 20
-        assert not colour_present or "The only" in (record.explanation or "The only")
+        if colour_present:
+            assert record.explanation.startswith(f"The only {colour} shape in the video is a ")
+            assert not record.explanation.endswith(f" {shape}.")
+        else:
+            assert record.explanation == f"No {colour} shape appears in the video."
     with pytest.raises(ValueError, match="silent_name_nulls applies to the omniavs format"):
         make_synthetic_dataset(tmp_path / "bad", "refavs", silent_name_nulls=True)
 
