@@ -454,7 +454,9 @@ def _write_omniavs(
             PLAIN_TYPES[k % len(PLAIN_TYPES)] if silent else EXPRESSION_TYPES[(first + k) % len(EXPRESSION_TYPES)]
             for k in range(nulls_per_video)
         ]
-        absent_names = [silent_name_nulls and (k // len(PLAIN_TYPES)) % 2 == 1 for k in range(nulls_per_video)]
+        absent_names = [
+            silent and silent_name_nulls and (k // len(PLAIN_TYPES)) % 2 == 1 for k in range(nulls_per_video)
+        ]
         plan = [(expr_type, False, False) for expr_type in EXPRESSION_TYPES]
         plan += [(expr_type, True, absent_name) for expr_type, absent_name in zip(null_types, absent_names)]
         for exp_id, (expr_type, null, absent_name) in enumerate(plan):
