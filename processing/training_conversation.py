@@ -92,14 +92,19 @@ class ConversationReader(Sequence[RecordT], Generic[RecordT]):
             raise self._error("a line must be a JSON object", key)
         if isinstance(entry.get("id"), (str, int)):
             key = f"{key} (id {entry['id']})"
-        media = entry.get(self.media_key)
-        if not isinstance(media, str):
-            raise self._error(f"'{self.media_key}' must be a path relative to the root", key)
-        media_path = resolve_inside(self.root, media, dataset=self.dataset, record=key)
-        if self.check_files and not media_path.is_file():
-            raise OisaDataError(f"{self.media_key} file not found", dataset=self.dataset, record=key, path=media_path)
+        media_path = self._media_file(entry, self.media_key, key)
         conversation = self._parse_conversation(entry.get("conversations"), key)
         return self._make_record(entry, key, media_path, conversation)
+
+    def _media_file(self, entry: dict, media_key: str, key: str) -> Path:
+        """The file `entry[media_key]` names, inside `root` and (with `check_files`) present."""
+        media = entry.get(media_key)
+        if not isinstance(media, str):
+            raise self._error(f"'{media_key}' must be a path relative to the root", key)
+        media_path = resolve_inside(self.root, media, dataset=self.dataset, record=key)
+        if self.check_files and not media_path.is_file():
+            raise OisaDataError(f"{media_key} file not found", dataset=self.dataset, record=key, path=media_path)
+        return media_path
 
     @abstractmethod
     def _make_record(

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 
-from .errors import OisaDataError, resolve_inside
 from .media import load_image
 from .processing_oisa import OisaProcessor
 from .training_audio_text import AUDIO_LENGTH_ERROR, AUDIO_PLACEHOLDER, expression_audio, parse_audio_length
@@ -47,15 +46,10 @@ class ImageTextReader(ConversationReader[ImageTextRecord]):
     def _make_record(
         self, entry: dict, key: str, media_path: Path, conversation: tuple[tuple[str, str], ...]
     ) -> ImageTextRecord:
-        audio = entry.get("audio")
-        if audio is None:
+        if entry.get("audio") is None:
             self._check_placeholder(conversation, AUDIO_PLACEHOLDER, key, expected=0)
             return ImageTextRecord(dataset=self.dataset, key=key, image_path=media_path, conversation=conversation)
-        if not isinstance(audio, str):
-            raise self._error("'audio' must be a path relative to the root", key)
-        audio_path = resolve_inside(self.root, audio, dataset=self.dataset, record=key)
-        if self.check_files and not audio_path.is_file():
-            raise OisaDataError("audio file not found", dataset=self.dataset, record=key, path=audio_path)
+        audio_path = self._media_file(entry, "audio", key)
         length = parse_audio_length(entry.get("audio_length"))
         if length is None:
             raise self._error(AUDIO_LENGTH_ERROR.format(entry.get("audio_length")), key)
