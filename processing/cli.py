@@ -202,6 +202,7 @@ def make_synthetic(
     single_colour_rate: float = 0.0,
     spoken_question_rate: float = 0.0,
     silent_name_nulls: bool = False,
+    spoken_names: int = 0,
 ) -> int:
     """`oisa make-synthetic`: a synthetic OmniAVS, Ref-AVS, gRefCOCO, image-text or audio-text set; 2 when it fails."""
     from .synthetic_dataset import MissingProgramError, make_synthetic_dataset
@@ -217,6 +218,7 @@ def make_synthetic(
             single_colour_rate=single_colour_rate,
             spoken_question_rate=spoken_question_rate,
             silent_name_nulls=silent_name_nulls,
+            spoken_names=spoken_names,
         )
     except (MissingProgramError, FileExistsError, ValueError) as error:
         logger.error("oisa make-synthetic: %s", error)
@@ -331,6 +333,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="omniavs: in silent clips, every other pair of null expressions names an absent object rather than "
         "asking for the sounding shape",
     )
+    synthetic.add_argument(
+        "--spoken-names",
+        type=int,
+        default=0,
+        metavar="K",
+        help="omniavs: instead of the 8 types and the nulls, K speech expressions a clip, each naming one object, "
+        "every other one absent (default: 0)",
+    )
 
     push = commands.add_parser(
         "push", help="publish a checkpoint to the Hugging Face Hub with its remote code and a model card"
@@ -406,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.single_colour_rate,
                 args.spoken_question_rate,
                 args.silent_name_nulls,
+                args.spoken_names,
             )
         elif args.command == "push":
             return push_checkpoint(args)

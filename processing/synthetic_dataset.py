@@ -119,6 +119,7 @@ def make_synthetic_dataset(
     single_colour_rate: float = 0.0,
     spoken_question_rate: float = 0.0,
     silent_name_nulls: bool = False,
+    spoken_names: int = 0,
 ) -> SyntheticDataset:
     """
     Writes a synthetic dataset of `num_videos` clips (still images for gRefCOCO and image-text, audio clips for
@@ -131,7 +132,9 @@ def make_synthetic_dataset(
     of still images whose three shapes share one colour, so that only their shapes tell them apart.
     `spoken_question_rate`: the share of image-text images whose first question is spoken. `silent_name_nulls`: in
     silent OmniAVS clips, every other pair of planned null expressions names an absent object rather than asking for
-    the sounding shape, so that silence alone does not tell that a name refers to something. OmniAVS, audio-text and
+    the sounding shape, so that silence alone does not tell that a name refers to something. `spoken_names`: instead
+    of the 8 types and the nulls, every OmniAVS clip gets this many speech expressions that each name one object by
+    colour and shape, every other one absent (null), in silent and sounding clips alike. OmniAVS, audio-text and
     spoken questions need `espeak-ng` for their speech.
     """
     if format not in FORMATS:
@@ -150,6 +153,10 @@ def make_synthetic_dataset(
         raise ValueError(f"spoken_question_rate applies to the image_text format, not {format}")
     if silent_name_nulls and format != "omniavs":
         raise ValueError(f"silent_name_nulls applies to the omniavs format, not {format}")
+    if spoken_names < 0:
+        raise ValueError(f"spoken_names must be at least 0, got {spoken_names}")
+    if spoken_names and format != "omniavs":
+        raise ValueError(f"spoken_names applies to the omniavs format, not {format}")
     cycle = {
         "omniavs": OMNIAVS_SPLIT_CYCLE,
         "refavs": REFAVS_SPLIT_CYCLE,
@@ -179,6 +186,7 @@ def make_synthetic_dataset(
             speech_program,
             split_cycle,
             silent_name_nulls,
+            spoken_names,
         )
     if format == "grefcoco":
         return _write_grefcoco(root, rng, num_videos, geometry, nulls_per_video, split_cycle, single_colour_rate)
@@ -392,6 +400,14 @@ def _sound_image_expression(clip: SyntheticClip, rng: np.random.Generator, null:
     return _Expression("", text, (shape,), explanation, sound=sound, image=shape_crop(clip, shape))
 
 
+def _name_expression(clip: SyntheticClip, rng: np.random.Generator, null: bool) -> _Expression:
+    """One object by colour and shape; null: an absent colour or shape."""
+    if null:
+        return _absent_object_expression(clip, rng)
+    shape = str(rng.choice(list(clip.masks)))
+    return _Expression("", f"the {_name(clip, shape)}", (shape,), f"It is the only {clip.colours[shape]} shape.")
+
+
 def _plan_expression(
     clip: SyntheticClip, rng: np.random.Generator, expr_type: str, null: bool, absent_name: bool = False
 ) -> _Expression:
@@ -421,6 +437,7 @@ def _write_omniavs(
     speech_program: str,
     split_cycle: Sequence[str],
     silent_name_nulls: bool,
+    spoken_names: int,
 ) -> SyntheticDataset:
     video_dict: dict[str, dict] = {}
     lines: dict[str, list[str]] = {split: [] for split in sorted(set(split_cycle))}
@@ -459,8 +476,13 @@ def _write_omniavs(
         ]
         plan = [(expr_type, False, False) for expr_type in EXPRESSION_TYPES]
         plan += [(expr_type, True, absent_name) for expr_type, absent_name in zip(null_types, absent_names)]
+        if spoken_names:
+            plan = [("speech", k % 2 == 1, True) for k in range(spoken_names)]
         for exp_id, (expr_type, null, absent_name) in enumerate(plan):
-            expression = _plan_expression(clip, rng, expr_type, null, absent_name)
+            if spoken_names:
+                expression = replace(_name_expression(clip, rng, null), expr_type=expr_type)
+            else:
+                expression = _plan_expression(clip, rng, expr_type, null, absent_name)
             has_speech, _, _ = referring_modalities(expr_type)
             stem = f"{video}_{exp_id}"
             entry = {

@@ -182,6 +182,41 @@ def test_silent_name_nulls_name_absent_objects_in_silent_clips(tmp_path):
     with pytest.raises(ValueError, match="silent_name_nulls applies to the omniavs format"):
         make_synthetic_dataset(tmp_path / "bad", "refavs", silent_name_nulls=True)
 
+
+@needs_espeak
+def test_spoken_names_name_one_object_each_half_of_them_absent(tmp_path):
+    common = {"num_videos": 2, "seed": 1, "split": "train", "explanation_rate": 1.0, **SMALL}
+    make_synthetic_dataset(tmp_path / "plain", "omniavs", **common)
+    make_synthetic_dataset(tmp_path / "names", "omniavs", spoken_names=4, **common)
+    records = list(OmniAVSReader(tmp_path / "names", "train"))
+    assert [(r.video_id, r.exp_id) for r in records] == [(f"video000{v}", str(k)) for v in range(2) for k in range(4)]
+    assert [r.is_null for r in records] == [False, True] * 4
+    # the first clip is drawn before any expression: the same clip as without the option; the second is silent
+    assert _tree(tmp_path / "names" / "images" / "video0000") == _tree(tmp_path / "plain" / "images" / "video0000")
+    assert not decode_audio(tmp_path / "names" / "audios" / "video0001.mp3").any()
+    for record in records:
+        assert record.expr_type == "speech" and record.referring_speech_path.is_file()
+        assert record.referring_sound_path is None and record.referring_image_path is None
+        article, colour, shape = record.text.split()
+        assert article == "the" and colour in SCENE_COLOURS and shape in SCENE_SHAPES
+        frame = np.asarray(Image.open(record.frame_paths[0]).convert("RGB")).astype(int)
+        of_colour = np.abs(frame - np.array(SCENE_COLOURS[colour])).sum(axis=-1) < 60
+        if record.is_null:
+            assert record.explanation in (
+                f"No {colour} shape appears in the video.",
+                *(f"The only {colour} shape in the video is a {other}." for other in SCENE_SHAPES if other != shape),
+            )
+            assert (of_colour.sum() > 20) == record.explanation.startswith("The only")
+        else:
+            assert record.explanation == f"It is the only {colour} shape."
+            (mask,) = record.gt_masks([0])
+            assert mask.any() and of_colour[mask].mean() > 0.6
+    with pytest.raises(ValueError, match="spoken_names applies to the omniavs format"):
+        make_synthetic_dataset(tmp_path / "bad", "grefcoco", spoken_names=2)
+    with pytest.raises(ValueError, match="spoken_names must be at least 0"):
+        make_synthetic_dataset(tmp_path / "bad", "omniavs", spoken_names=-1)
+
+
 def test_grefcoco_images_read_back_with_their_masks(tmp_path):
     from processing_oisa.training_image import decode_coco_segmentation
 
