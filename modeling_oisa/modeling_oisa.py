@@ -88,7 +88,7 @@ class OisaOutput(ModelOutput):
         Point-sampled binary cross-entropy of the masks.
     logits (`torch.Tensor` of shape `(batch_size, sequence_length, vocab_size)`):
         LM logits.
-    past_key_values (`Cache`, *optional*):
+    cache (`Cache`, *optional*):
         The LLM's key/value cache.
     last_hidden_state (`torch.Tensor` of shape `(batch_size, sequence_length, text_hidden_size)`):
         The LLM's last hidden state after its final norm: what feeds the mask head.
@@ -110,7 +110,7 @@ class OisaOutput(ModelOutput):
     dice_loss: torch.Tensor | None = None
     bce_loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
     last_hidden_state: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
@@ -159,7 +159,7 @@ class OisaPreTrainedModel(PreTrainedModel):
         "OisaAdapterExtractor",
         "OisaQueryDecoderLayer",
     ]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
@@ -427,7 +427,7 @@ class OisaForReferringSegmentation(OisaPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_token_modes: torch.Tensor | None = None,
@@ -492,7 +492,7 @@ class OisaForReferringSegmentation(OisaPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
             **kwargs,
         )
@@ -502,7 +502,7 @@ class OisaForReferringSegmentation(OisaPreTrainedModel, GenerationMixin):
 
         result = OisaOutput(
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             last_hidden_state=last_hidden_state,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
@@ -632,7 +632,8 @@ class OisaForReferringSegmentation(OisaPreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
-        past_key_values: Cache | None = None,
+        next_sequence_length: int | None = None,
+        cache: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         is_first_iteration: bool = False,
@@ -641,7 +642,8 @@ class OisaForReferringSegmentation(OisaPreTrainedModel, GenerationMixin):
         # images and audio are injected at the first step only; later steps read them from the cache
         model_inputs = super().prepare_inputs_for_generation(
             input_ids,
-            past_key_values=past_key_values,
+            next_sequence_length=next_sequence_length,
+            cache=cache,
             attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,
             is_first_iteration=is_first_iteration,
