@@ -1,6 +1,9 @@
 """The compiled multi-scale deformable attention (`oisa_kernels`) against transformers' PyTorch implementation."""
 
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -228,6 +231,16 @@ def test_torch_compile(cpu_backend):
     torch.testing.assert_close(
         compiled(value, locations, weights), multi_scale_deformable_attention(value, shapes, locations, weights)
     )
+
+
+def test_source_checkout_does_not_shadow_the_kernels_package():
+    """From the repository root (the first entry of `sys.path` for `python train.py`), `import kernels` must not find
+    our folder: transformers imports the PyPI package `kernels` at start-up."""
+    root = Path(__file__).resolve().parents[1]
+    code = "import kernels, transformers.activations; print(getattr(kernels, '__file__', None))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    found = result.stdout.strip()
+    assert found == "None" or not Path(found).resolve().is_relative_to(root / "kernels"), found
 
 
 def test_backend_environment_variable(monkeypatch):

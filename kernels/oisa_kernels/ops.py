@@ -52,22 +52,15 @@ def _backward(ctx, grad_output: torch.Tensor) -> tuple:
     return grad_value, None, None, grad_locations, grad_weights
 
 
-def _already_defined() -> bool:
-    # the folder can be imported under two names (`oisa_kernels` installed, `kernels` from a source checkout), and a
-    # namespace's operators can only be defined once per process
-    return hasattr(torch.ops.oisa_kernels, "ms_deform_attn")
-
-
-if not _already_defined():
-    _LIBRARY = torch.library.Library("oisa_kernels", "DEF")
-    _LIBRARY.define(
-        "ms_deform_attn(Tensor value, Tensor spatial_shapes, Tensor level_start_index, Tensor sampling_locations, "
-        "Tensor attention_weights) -> Tensor"
-    )
-    _LIBRARY.define(
-        "ms_deform_attn_backward(Tensor grad_output, Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
-        "Tensor sampling_locations, Tensor attention_weights) -> (Tensor, Tensor, Tensor)"
-    )
-    torch.library.register_fake(FORWARD, _forward_fake, lib=_LIBRARY)
-    torch.library.register_fake(BACKWARD, _backward_fake, lib=_LIBRARY)
-    torch.library.register_autograd(FORWARD, _backward, setup_context=_setup_context, lib=_LIBRARY)
+_LIBRARY = torch.library.Library("oisa_kernels", "DEF")
+_LIBRARY.define(
+    "ms_deform_attn(Tensor value, Tensor spatial_shapes, Tensor level_start_index, Tensor sampling_locations, "
+    "Tensor attention_weights) -> Tensor"
+)
+_LIBRARY.define(
+    "ms_deform_attn_backward(Tensor grad_output, Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
+    "Tensor sampling_locations, Tensor attention_weights) -> (Tensor, Tensor, Tensor)"
+)
+torch.library.register_fake(FORWARD, _forward_fake, lib=_LIBRARY)
+torch.library.register_fake(BACKWARD, _backward_fake, lib=_LIBRARY)
+torch.library.register_autograd(FORWARD, _backward, setup_context=_setup_context, lib=_LIBRARY)
