@@ -14,8 +14,9 @@ WORK=${1:-tiny-synthetic-run}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 DEST="$REPO/modeling_oisa/checkpoints/oisa-tiny-synthetic"
 export HF_HUB_OFFLINE=1
-# one thread: the parts' results depend on the thread count (the `train` model scored J&F 0.910 on the held-out clips
-# made on one thread, 0.764 from `colours` on two), and on one thread the same machine makes the same models
+# one thread: the parts' results vary with the thread count (on the held-out clips, the `train` model made on one
+# thread scores J&F 0.910, the one made on two threads from `colours` on 0.764), and on one thread the same machine
+# makes the same models
 export OMP_NUM_THREADS=1
 TRAIN=(accelerate launch --cpu --num_processes 1 "$REPO/train.py" --cpu --resume)
 
