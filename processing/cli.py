@@ -203,6 +203,7 @@ def make_synthetic(
     spoken_question_rate: float = 0.0,
     silent_name_nulls: bool = False,
     spoken_names: int = 0,
+    present_names: int = 0,
 ) -> int:
     """`oisa make-synthetic`: a synthetic OmniAVS, Ref-AVS, gRefCOCO, image-text or audio-text set; 2 when it fails."""
     from .synthetic_dataset import MissingProgramError, make_synthetic_dataset
@@ -219,6 +220,7 @@ def make_synthetic(
             spoken_question_rate=spoken_question_rate,
             silent_name_nulls=silent_name_nulls,
             spoken_names=spoken_names,
+            present_names=present_names,
         )
     except (MissingProgramError, FileExistsError, ValueError) as error:
         logger.error("oisa make-synthetic: %s", error)
@@ -341,6 +343,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="omniavs: instead of the 8 types and the nulls, K speech expressions a clip, each naming one object, "
         "every other one absent (default: 0)",
     )
+    synthetic.add_argument(
+        "--present-names",
+        type=int,
+        default=0,
+        metavar="K",
+        help="omniavs: K more expressions a clip, text and speech in turn, each naming one object of the clip by "
+        "colour and shape (default: 0)",
+    )
 
     push = commands.add_parser(
         "push", help="publish a checkpoint to the Hugging Face Hub with its remote code and a model card"
@@ -417,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.spoken_question_rate,
                 args.silent_name_nulls,
                 args.spoken_names,
+                args.present_names,
             )
         elif args.command == "push":
             return push_checkpoint(args)

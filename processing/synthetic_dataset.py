@@ -120,6 +120,7 @@ def make_synthetic_dataset(
     spoken_question_rate: float = 0.0,
     silent_name_nulls: bool = False,
     spoken_names: int = 0,
+    present_names: int = 0,
 ) -> SyntheticDataset:
     """
     Writes a synthetic dataset of `num_videos` clips (still images for gRefCOCO and image-text, audio clips for
@@ -134,8 +135,10 @@ def make_synthetic_dataset(
     silent OmniAVS clips, every other pair of planned null expressions names an absent object rather than asking for
     the sounding shape, so that silence alone does not tell that a name refers to something. `spoken_names`: instead
     of the 8 types and the nulls, every OmniAVS clip gets this many speech expressions that each name one object by
-    colour and shape, every other one absent (null), in silent and sounding clips alike. OmniAVS, audio-text and
-    spoken questions need `espeak-ng` for their speech.
+    colour and shape, every other one absent (null), in silent and sounding clips alike. `present_names`: every OmniAVS
+    clip gets this many more expressions after its others, text and speech in turn (across clips), each naming one
+    object of the clip by colour and shape (none null), so that a name is not null more often than not. OmniAVS,
+    audio-text and spoken questions need `espeak-ng` for their speech.
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
@@ -157,6 +160,10 @@ def make_synthetic_dataset(
         raise ValueError(f"spoken_names must be at least 0, got {spoken_names}")
     if spoken_names and format != "omniavs":
         raise ValueError(f"spoken_names applies to the omniavs format, not {format}")
+    if present_names < 0:
+        raise ValueError(f"present_names must be at least 0, got {present_names}")
+    if present_names and format != "omniavs":
+        raise ValueError(f"present_names applies to the omniavs format, not {format}")
     cycle = {
         "omniavs": OMNIAVS_SPLIT_CYCLE,
         "refavs": REFAVS_SPLIT_CYCLE,
@@ -187,6 +194,7 @@ def make_synthetic_dataset(
             split_cycle,
             silent_name_nulls,
             spoken_names,
+            present_names,
         )
     if format == "grefcoco":
         return _write_grefcoco(root, rng, num_videos, geometry, nulls_per_video, split_cycle, single_colour_rate)
@@ -438,6 +446,7 @@ def _write_omniavs(
     split_cycle: Sequence[str],
     silent_name_nulls: bool,
     spoken_names: int,
+    present_names: int,
 ) -> SyntheticDataset:
     video_dict: dict[str, dict] = {}
     lines: dict[str, list[str]] = {split: [] for split in sorted(set(split_cycle))}
@@ -474,12 +483,17 @@ def _write_omniavs(
         absent_names = [
             silent and silent_name_nulls and (k // len(PLAIN_TYPES)) % 2 == 1 for k in range(nulls_per_video)
         ]
-        plan = [(expr_type, False, False) for expr_type in EXPRESSION_TYPES]
-        plan += [(expr_type, True, absent_name) for expr_type, absent_name in zip(null_types, absent_names)]
+        # (type, null, absent_name, by_name): by_name expressions name one object by colour and shape
+        plan = [(expr_type, False, False, False) for expr_type in EXPRESSION_TYPES]
+        plan += [(expr_type, True, absent_name, False) for expr_type, absent_name in zip(null_types, absent_names)]
         if spoken_names:
-            plan = [("speech", k % 2 == 1, True) for k in range(spoken_names)]
-        for exp_id, (expr_type, null, absent_name) in enumerate(plan):
-            if spoken_names:
+            plan = [("speech", k % 2 == 1, True, True) for k in range(spoken_names)]
+        plan += [
+            (PLAIN_TYPES[(index * present_names + k) % len(PLAIN_TYPES)], False, False, True)
+            for k in range(present_names)
+        ]
+        for exp_id, (expr_type, null, absent_name, by_name) in enumerate(plan):
+            if by_name:
                 expression = replace(_name_expression(clip, rng, null), expr_type=expr_type)
             else:
                 expression = _plan_expression(clip, rng, expr_type, null, absent_name)

@@ -133,6 +133,8 @@ def test_command_line(tmp_path, caplog):
     assert sum(not expression.ann_ids for expression in record.expressions) == 3
     assert oisa_main([*images[:1], str(tmp_path / "g2"), *images[2:], "--nulls-per-video", "-1"]) == 2
     assert "nulls_per_video must be at least 0" in caplog.text
+    assert oisa_main([*images[:1], str(tmp_path / "g3"), *images[2:], "--present-names", "2"]) == 2
+    assert "present_names applies to the omniavs format" in caplog.text
 
 
 @needs_espeak
@@ -215,6 +217,42 @@ def test_spoken_names_name_one_object_each_half_of_them_absent(tmp_path):
         make_synthetic_dataset(tmp_path / "bad", "grefcoco", spoken_names=2)
     with pytest.raises(ValueError, match="spoken_names must be at least 0"):
         make_synthetic_dataset(tmp_path / "bad", "omniavs", spoken_names=-1)
+
+
+@needs_espeak
+def test_present_names_add_text_and_speech_names_of_objects_in_the_clip(tmp_path):
+    common = {"num_videos": 2, "seed": 1, "split": "train", "nulls_per_video": 2, "explanation_rate": 1.0, **SMALL}
+    make_synthetic_dataset(tmp_path / "plain", "omniavs", **common)
+    make_synthetic_dataset(tmp_path / "names", "omniavs", present_names=4, **common)
+    plain, names = list(OmniAVSReader(tmp_path / "plain", "train")), list(OmniAVSReader(tmp_path / "names", "train"))
+    planned = len(EXPRESSION_TYPES) + 2
+    assert [(r.video_id, r.exp_id) for r in names] == [
+        (f"video000{v}", str(k)) for v in range(2) for k in range(planned + 4)
+    ]
+    # the first clip and its planned expressions are drawn before the extra names: the same as without the option
+    first = [(r.exp_id, r.expr_type, r.text, r.is_null) for r in plain if r.video_id == "video0000"]
+    assert [(r.exp_id, r.expr_type, r.text, r.is_null) for r in names[:planned]] == first
+    assert _tree(tmp_path / "names" / "images" / "video0000") == _tree(tmp_path / "plain" / "images" / "video0000")
+    extra = [r for r in names if int(r.exp_id) >= planned]
+    assert [r.expr_type for r in extra] == ["text", "speech"] * 4
+    for record in extra:
+        assert not record.is_null
+        assert (record.referring_speech_path is not None) == (record.expr_type == "speech")
+        assert record.referring_sound_path is None and record.referring_image_path is None
+        article, colour, shape = record.text.split()
+        assert article == "the" and colour in SCENE_COLOURS and shape in SCENE_SHAPES
+        assert record.explanation == f"It is the only {colour} shape."
+        frame = np.asarray(Image.open(record.frame_paths[0]).convert("RGB")).astype(int)
+        (mask,) = record.gt_masks([0])
+        of_colour = np.abs(frame - np.array(SCENE_COLOURS[colour])).sum(axis=-1) < 60
+        assert mask.any() and of_colour[mask].mean() > 0.6
+    make_synthetic_dataset(tmp_path / "one", "omniavs", present_names=1, **common)
+    one = [r.expr_type for r in OmniAVSReader(tmp_path / "one", "train") if int(r.exp_id) >= planned]
+    assert one == ["text", "speech"]
+    with pytest.raises(ValueError, match="present_names applies to the omniavs format"):
+        make_synthetic_dataset(tmp_path / "bad", "image_text", present_names=2)
+    with pytest.raises(ValueError, match="present_names must be at least 0"):
+        make_synthetic_dataset(tmp_path / "bad", "omniavs", present_names=-1)
 
 
 def test_grefcoco_images_read_back_with_their_masks(tmp_path):
