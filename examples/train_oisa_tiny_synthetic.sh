@@ -4,10 +4,11 @@
 #
 #   bash examples/train_oisa_tiny_synthetic.sh [WORK_DIR]
 #
-# About 4 hours 30 minutes on 2 CPU cores. Stopped part-way, the same command with the same WORK_DIR (default:
-# tiny-synthetic-run) goes on where it stopped: finished data and parts are kept, a part in progress resumes from its
-# last checkpoint (train.py --resume). Data and parts made by another version of a step (its command or config) are
-# refused, so a WORK_DIR of an earlier recipe goes on only where the steps it holds are unchanged.
+# About 4 hours 30 minutes on 2 CPU cores (about twice that on a slower machine, see README). Stopped part-way, the
+# same command with the same WORK_DIR (default: tiny-synthetic-run) goes on where it stopped: finished data and parts
+# are kept, a part in progress resumes from its last checkpoint (train.py --resume). Data and parts made by another
+# version of a step (its command or config) are refused, so a WORK_DIR of an earlier recipe goes on only where the
+# steps it holds are unchanged.
 set -euo pipefail
 
 WORK=${1:-tiny-synthetic-run}
