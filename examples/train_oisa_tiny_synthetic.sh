@@ -6,9 +6,10 @@
 #
 # About 4 hours 30 minutes on 2 CPU cores (about twice that on a slower machine, see README). Stopped part-way, the
 # same command with the same WORK_DIR (default: tiny-synthetic-run) goes on where it stopped: finished data and parts
-# are kept, a part in progress resumes from its last checkpoint (train.py --resume). Data and parts made by another
-# version of a step (its command or config) are refused, so a WORK_DIR of an earlier recipe goes on only where the
-# steps it holds are unchanged.
+# are kept, a part in progress resumes from its last checkpoint (train.py --resume), and a WORK_DIR that holds only the
+# latest finished part (its folder and stamp) makes the data again and goes on from that part. Data and parts made by
+# another version of a step (its command or config) are refused, so a WORK_DIR of an earlier recipe goes on only where
+# the steps it holds are unchanged.
 set -euo pipefail
 
 WORK=${1:-tiny-synthetic-run}
@@ -49,10 +50,15 @@ make_data() {
 }
 
 # train_part PART CONFIG FROM FORMAT=DATA...: train.py with configs/CONFIG from the final model of part FROM (or the
-# untrained model, init) on WORK/data/DATA read as FORMAT, into WORK/PART, unless it has finished
+# untrained model, init) on WORK/data/DATA read as FORMAT, into WORK/PART, unless it or a later part has finished (the
+# check pass numbers the parts and notes the last finished one in LAST_FINISHED, so that a WORK_DIR holding only the
+# latest finished part, its stamp and the data goes on from there)
+PART_NUMBER=0
+LAST_FINISHED=0
 train_part() {
     local part=$1 config=$2 from=$3
     shift 3
+    PART_NUMBER=$((PART_NUMBER + 1))
     local model="$WORK/$from/final" data=() entry
     if [ "$from" = init ]; then
         model="$WORK/init"
@@ -63,7 +69,10 @@ train_part() {
     local checksum
     checksum=$(sha256sum < "$REPO/configs/$config" | cut -c1-64)
     check_or_stamp "$part" "train.py --config configs/$config $checksum --model $from $*"
-    if [ "$MODE" = run ] && [ ! -e "$WORK/$part/final/trainer_state.json" ]; then
+    if [ -e "$WORK/$part/final/trainer_state.json" ]; then
+        LAST_FINISHED=$PART_NUMBER
+    fi
+    if [ "$MODE" = run ] && [ "$PART_NUMBER" -gt "$LAST_FINISHED" ]; then
         "${TRAIN[@]}" --config "$REPO/configs/$config" --model "$model" --output-dir "$WORK/$part" "${data[@]}"
     fi
 }
@@ -72,7 +81,8 @@ recipe() {
     # the data: still images in the gRefCOCO layout, 3000 with half of them in one colour (seed 14) and 3000 of three
     # colours (seed 12); still images with image-text conversations, 3000 half in one colour (seed 15, 4 questions
     # each) and 12000 more (seed 21); 3000 audio-text clips (seed 16); 600 clips in the OmniAVS layout with 3 null
-    # expressions each (seed 11) and 600 with 6 (seed 17); 40 held-out clips from another seed (2026)
+    # expressions each (seed 11) and 600 with 6 (seed 17), each also with one more name of an object in the clip; 40
+    # held-out clips from another seed (2026)
     make_data images --format grefcoco --videos 3000 --seed 14 --split train --single-colour-rate 0.5
     make_data images-3c --format grefcoco --videos 3000 --seed 12 --split train
     make_data image_text --format image_text --videos 3000 --seed 15 --split train --nulls-per-video 4 \
@@ -80,8 +90,9 @@ recipe() {
     make_data stills --format image_text --videos 12000 --seed 21 --split train --nulls-per-video 4 \
         --single-colour-rate 0.5
     make_data audio_text --format audio_text --videos 3000 --seed 16 --split train
-    make_data omniavs --format omniavs --videos 600 --seed 11 --split train --nulls-per-video 3
-    make_data omniavs-nulls --format omniavs --videos 600 --seed 17 --split train --nulls-per-video 6
+    make_data omniavs --format omniavs --videos 600 --seed 11 --split train --nulls-per-video 3 --present-names 1
+    make_data omniavs-nulls --format omniavs --videos 600 --seed 17 --split train --nulls-per-video 6 \
+        --present-names 1
     make_data held-out --format omniavs --videos 40 --seed 2026 --split test
 
     # the untrained model (its LLM attention drawn wider than the default, see tiny.py)
@@ -111,6 +122,7 @@ recipe() {
 # the recipe runs twice: first only checking the stamps of what WORK_DIR holds, so that nothing is made in a WORK_DIR
 # of another recipe, then making what is missing
 for MODE in check run; do
+    PART_NUMBER=0
     if [ "$MODE" = run ]; then
         mkdir -p "$WORK/data"
     fi

@@ -3,6 +3,7 @@
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,73 @@ def test_the_recipe_refuses_data_and_parts_of_another_recipe(tmp_path):
         # every stamp is checked before anything is made: nothing was made or overwritten
         assert sorted(path.relative_to(work) for path in work.rglob("*")) == before, case
         assert stamp is None or (work / f"{name}.recipe").read_text() == stamp, case
+
+
+FAKE_TOOLS = {
+    # each call is logged; make-synthetic and tiny-random make their folder, train.py a finished part, eval.py the
+    # metrics of a model below the targets (so that nothing is installed)
+    "oisa": """#!/usr/bin/env bash
+echo "oisa $*" >> "$CALLS"
+mkdir -p "$2"
+""",
+    "accelerate": """#!/usr/bin/env bash
+echo "accelerate $*" >> "$CALLS"
+while [ $# -gt 0 ]; do
+    case $1 in
+        --output-dir) mkdir -p "$2/final"; touch "$2/final/trainer_state.json";;
+        --out) mkdir -p "$2"; echo '{"segmentation": {"J&F": 0.5, "splits": {"text": {"J&F": 0.5}}}}' > "$2/metrics.json";;
+    esac
+    shift
+done
+""",
+}
+
+
+def run_recipe_with_fake_tools(tmp_path: Path, work: Path) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """The recipe script on WORK_DIR `work`, with `oisa` and `accelerate` replaced by fakes; its calls, in order."""
+    script = Path(__file__).resolve().parents[1] / "examples" / "train_oisa_tiny_synthetic.sh"
+    tools = tmp_path / "fake-tools"
+    tools.mkdir(exist_ok=True)
+    for name, text in FAKE_TOOLS.items():
+        (tools / name).write_text(text)
+        (tools / name).chmod(0o755)
+    calls = tmp_path / f"calls-{work.name}"
+    path = f"{tools}:{Path(sys.executable).parent}:/usr/bin:/bin"
+    environment = {"PATH": path, "CALLS": str(calls), "HOME": str(tmp_path)}
+    done = subprocess.run(["bash", str(script), str(work)], capture_output=True, text=True, timeout=60, env=environment)
+    return done, calls.read_text().splitlines()
+
+
+def trained_parts(calls: list[str]) -> list[tuple[str, str]]:
+    """The (part, model it starts from) of each train.py call."""
+    parts = []
+    for call in calls:
+        words = call.split()
+        if any(word.endswith("/train.py") for word in words):
+            parts.append((Path(words[words.index("--output-dir") + 1]).name, words[words.index("--model") + 1]))
+    return parts
+
+
+def test_the_recipe_goes_on_from_the_latest_finished_part_alone(tmp_path):
+    whole, calls = run_recipe_with_fake_tools(tmp_path, tmp_path / "whole")
+    assert whole.returncode == 1 and "below the targets: not installed" in whole.stderr
+    parts = ["images", "reading", "questions", "clips", "colours", "nulls", "train", "shapes", "final"]
+    assert [part for part, _ in trained_parts(calls)] == parts
+    assert sum(call.startswith("oisa make-synthetic") for call in calls) == 8
+
+    # a WORK_DIR that holds only the finished `clips` part and its stamp: the data is made again, the parts before
+    # `clips` are not trained again, and `colours` starts from the `clips` model
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(tmp_path / "whole" / "clips", resumed / "clips")
+    shutil.copy(tmp_path / "whole" / "clips.recipe", resumed / "clips.recipe")
+    again, calls = run_recipe_with_fake_tools(tmp_path, resumed)
+    assert again.returncode == 1 and "below the targets: not installed" in again.stderr
+    assert trained_parts(calls) == [
+        ("colours", str(resumed / "clips" / "final")),
+        ("nulls", str(resumed / "colours" / "final")),
+        ("train", str(resumed / "nulls" / "final")),
+        ("shapes", str(resumed / "train" / "final")),
+        ("final", str(resumed / "shapes" / "final")),
+    ]
+    assert sum(call.startswith("oisa make-synthetic") for call in calls) == 8
