@@ -192,12 +192,14 @@ class OisaVideoSegmenter:
             audio,
             encoding["audio_token_modes"],
         )
+        # a generated placeholder would have no embeddings to take at the next step: they are never generated
         generated = model.generate(
             inputs_embeds=inputs_embeds,
             attention_mask=encoding["attention_mask"],
             max_new_tokens=self.max_new_tokens,
             do_sample=False,
             num_beams=1,
+            suppress_tokens=[config.image_token_id, config.audio_token_id, config.sub_audio_token_id],
         )[0]
         seg_positions = torch.nonzero(generated == config.seg_token_id).flatten()
         parsed = parse_answer(self.processor.decode_answer(generated), has_seg=len(seg_positions) > 0)

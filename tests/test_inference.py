@@ -77,6 +77,23 @@ def test_no_seg_in_the_answer_means_empty_masks(checkpoint, clip_path):
     assert not result.has_seg and not result.masks.any() and result.masks.shape == (11, 60, 84)
 
 
+def test_placeholder_tokens_are_never_generated(checkpoint, clip_path):
+    # a head that favours the image and audio placeholders above everything: generating one would leave a placeholder
+    # without its embeddings at the next step
+    model = AutoModel.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    config = model.config
+    placeholders = [config.image_token_id, config.audio_token_id, config.sub_audio_token_id]
+
+    def favour_placeholders(module, inputs, logits):
+        logits[..., placeholders] += 1000.0
+        return logits
+
+    model.lm_head.register_forward_hook(favour_placeholders)
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    result = OisaVideoSegmenter(model, processor, max_new_tokens=3)(clip_path, OisaExpression(text="the red circle"))
+    assert result.answer and not set(processor.tokenizer(result.answer)["input_ids"]) & set(placeholders)
+
+
 def test_bfloat16_inference(seg_model, checkpoint, clip_path):
     model = AutoModel.from_pretrained(checkpoint, dtype=torch.bfloat16).eval()
     with torch.no_grad():
