@@ -1,0 +1,67 @@
+"""OISA-tiny-synthetic as shipped: its files, and its targets on held-out clips of a seed the recipe never used."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from modeling_oisa import MissingCheckpointError, tiny_synthetic_path
+from processing_oisa.cli import main as oisa_main
+from processing_oisa.prompts import NULL_ANSWER
+
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED_FILES = [
+    "README.md",
+    "chat_template.jinja",
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "processor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+]
+
+
+@pytest.fixture(scope="module")
+def shipped() -> Path:
+    try:
+        return tiny_synthetic_path()
+    except MissingCheckpointError as error:
+        pytest.skip(f"OISA-tiny-synthetic is not shipped yet: {error}")
+
+
+def test_the_shipped_folder_holds_weights_configs_processor_and_card(shipped):
+    assert sorted(path.name for path in shipped.iterdir()) == SHIPPED_FILES
+    assert (shipped / "model.safetensors").stat().st_size <= 25 * 2**20
+
+
+def test_the_shipped_model_meets_its_targets_on_fresh_held_out_clips(shipped, tmp_path):
+    # 40 clips of seed 31 (the recipe's held-out clips are of seed 2026, its training clips of seeds 11 and 17)
+    data = tmp_path / "held-out"
+    held_out = ["--format", "omniavs", "--videos", "40", "--seed", "31", "--split", "test"]
+    assert oisa_main(["make-synthetic", str(data), *held_out]) == 0
+    out = tmp_path / "eval"
+    command = [sys.executable, str(REPO / "eval.py"), "--model", "oisa-tiny-synthetic", "--dataset", "omniavs"]
+    subprocess.run([*command, "--data-root", str(data), "--out", str(out)], check=True, timeout=1200)
+
+    segmentation = json.loads((out / "metrics.json").read_text())["segmentation"]
+    assert set(segmentation["splits"]) == {
+        "text",
+        "speech",
+        "text_sound",
+        "speech_sound",
+        "text_image",
+        "speech_image",
+        "text_sound_image",
+        "speech_sound_image",
+    }
+    assert segmentation["J&F"] >= 0.8
+    for expression_type, scores in segmentation["splits"].items():
+        assert scores["J&F"] >= 0.8, expression_type
+    results = [json.loads(line) for path in out.glob("results-*.jsonl") for line in path.read_text().splitlines()]
+    null_answers = [result["answer"].startswith(NULL_ANSWER) for result in results if result["is_null"]]
+    assert len(null_answers) == 120
+    assert sum(null_answers) >= 0.9 * len(null_answers)
