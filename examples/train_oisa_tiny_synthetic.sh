@@ -103,7 +103,7 @@ recipe() {
 
     # part 1: 1500 steps of 8 still images each; part 2: 1500 steps of still images and conversations; part 3: 1500
     # steps of conversations alone; part 4, four times, 4 samples a step, clips, still images, conversations and
-    # audio-text clips mixed: 3900 steps, then 3900 with the three-colour still images, then twice 4350 with the
+    # audio-text clips mixed: 4050 steps, then 4050 with the three-colour still images, then twice 4500 with the
     # clips of 6 null expressions; then 16000 steps of conversations on the 12000 more stills, where the vision
     # tower learns the shapes, and part 4 once more
     local mixed=(grefcoco=images-3c image_text=image_text audio_text=audio_text)
@@ -138,8 +138,8 @@ accelerate launch --cpu --num_processes 1 "$REPO/eval.py" --model "$WORK/final/f
  conversations (seeds 15 and 21), 3000 audio-text clips (seed 16) and 1200 clips (seeds 11 and 17)'" \
     --card-field training="'examples/train_oisa_tiny_synthetic.sh: configs/oisa_tiny_synthetic_images.json\
  (1500 steps), oisa_tiny_synthetic_reading.json (1500), oisa_tiny_synthetic_questions.json (1500),\
- oisa_tiny_synthetic.json (3900, 3900, 4350 and 4350), oisa_tiny_synthetic_shapes.json (16000),\
- oisa_tiny_synthetic.json (4350), on CPU'"
+ oisa_tiny_synthetic.json (4050, 4050, 4500 and 4500), oisa_tiny_synthetic_shapes.json (16000),\
+ oisa_tiny_synthetic.json (4500), on CPU'"
 
 # only a model that meets the targets is installed: J&F >= 0.8 overall and per type, null expressions answered
 # "No target matches this expression." at least 90% of the time
