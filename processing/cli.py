@@ -204,6 +204,7 @@ def make_synthetic(
     silent_name_nulls: bool = False,
     spoken_names: int = 0,
     present_names: int = 0,
+    spoken_pairs: int = 0,
 ) -> int:
     """`oisa make-synthetic`: a synthetic OmniAVS, Ref-AVS, gRefCOCO, image-text or audio-text set; 2 when it fails."""
     from .synthetic_dataset import MissingProgramError, make_synthetic_dataset
@@ -221,6 +222,7 @@ def make_synthetic(
             silent_name_nulls=silent_name_nulls,
             spoken_names=spoken_names,
             present_names=present_names,
+            spoken_pairs=spoken_pairs,
         )
     except (MissingProgramError, FileExistsError, ValueError) as error:
         logger.error("oisa make-synthetic: %s", error)
@@ -351,6 +353,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="omniavs: K more expressions a clip, text and speech in turn, each naming one object of the clip by "
         "colour and shape (default: 0)",
     )
+    synthetic.add_argument(
+        "--spoken-pairs",
+        type=int,
+        default=0,
+        metavar="K",
+        help="omniavs: K more speech expressions a clip, each naming two of its objects (default: 0)",
+    )
 
     push = commands.add_parser(
         "push", help="publish a checkpoint to the Hugging Face Hub with its remote code and a model card"
@@ -428,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.silent_name_nulls,
                 args.spoken_names,
                 args.present_names,
+                args.spoken_pairs,
             )
         elif args.command == "push":
             return push_checkpoint(args)

@@ -121,6 +121,7 @@ def make_synthetic_dataset(
     silent_name_nulls: bool = False,
     spoken_names: int = 0,
     present_names: int = 0,
+    spoken_pairs: int = 0,
 ) -> SyntheticDataset:
     """
     Writes a synthetic dataset of `num_videos` clips (still images for gRefCOCO and image-text, audio clips for
@@ -137,7 +138,9 @@ def make_synthetic_dataset(
     of the 8 types and the nulls, every OmniAVS clip gets this many speech expressions that each name one object by
     colour and shape, every other one absent (null), in silent and sounding clips alike. `present_names`: every OmniAVS
     clip gets this many more expressions after its others, text and speech in turn (across clips), each naming one
-    object of the clip by colour and shape (none null), so that a name is not null more often than not. OmniAVS,
+    object of the clip by colour and shape (none null), so that a name is not null more often than not. `spoken_pairs`:
+    every OmniAVS clip gets this many more speech expressions after those, each naming two of its objects ("the red
+    circle and the blue square"), none null. OmniAVS,
     audio-text and spoken questions need `espeak-ng` for their speech.
     """
     if format not in FORMATS:
@@ -164,6 +167,10 @@ def make_synthetic_dataset(
         raise ValueError(f"present_names must be at least 0, got {present_names}")
     if present_names and format != "omniavs":
         raise ValueError(f"present_names applies to the omniavs format, not {format}")
+    if spoken_pairs < 0:
+        raise ValueError(f"spoken_pairs must be at least 0, got {spoken_pairs}")
+    if spoken_pairs and format != "omniavs":
+        raise ValueError(f"spoken_pairs applies to the omniavs format, not {format}")
     cycle = {
         "omniavs": OMNIAVS_SPLIT_CYCLE,
         "refavs": REFAVS_SPLIT_CYCLE,
@@ -195,6 +202,7 @@ def make_synthetic_dataset(
             silent_name_nulls,
             spoken_names,
             present_names,
+            spoken_pairs,
         )
     if format == "grefcoco":
         return _write_grefcoco(root, rng, num_videos, geometry, nulls_per_video, split_cycle, single_colour_rate)
@@ -350,15 +358,20 @@ def _plain_expression(
             "", "the shape that is making a sound", (shape,), f"Only the {_name(clip, shape)} makes a sound."
         )
     if choice == "two":
-        first, second = (str(s) for s in rng.choice(shapes, size=2, replace=False))
-        return _Expression(
-            "",
-            f"the {_name(clip, first)} and the {_name(clip, second)}",
-            (first, second),
-            f"Both the {_name(clip, first)} and the {_name(clip, second)} are in the video.",
-        )
+        return _pair_expression(clip, rng)
     shape = str(rng.choice(shapes))
     return _Expression("", f"the {_name(clip, shape)}", (shape,), f"It is the only {clip.colours[shape]} shape.")
+
+
+def _pair_expression(clip: SyntheticClip, rng: np.random.Generator) -> _Expression:
+    """Two objects of the clip, each by colour and shape."""
+    first, second = (str(s) for s in rng.choice(list(clip.masks), size=2, replace=False))
+    return _Expression(
+        "",
+        f"the {_name(clip, first)} and the {_name(clip, second)}",
+        (first, second),
+        f"Both the {_name(clip, first)} and the {_name(clip, second)} are in the video.",
+    )
 
 
 def _sound_expression(clip: SyntheticClip, rng: np.random.Generator, null: bool) -> _Expression:
@@ -447,6 +460,7 @@ def _write_omniavs(
     silent_name_nulls: bool,
     spoken_names: int,
     present_names: int,
+    spoken_pairs: int,
 ) -> SyntheticDataset:
     video_dict: dict[str, dict] = {}
     lines: dict[str, list[str]] = {split: [] for split in sorted(set(split_cycle))}
@@ -483,18 +497,21 @@ def _write_omniavs(
         absent_names = [
             silent and silent_name_nulls and (k // len(PLAIN_TYPES)) % 2 == 1 for k in range(nulls_per_video)
         ]
-        # (type, null, absent_name, by_name): by_name expressions name one object by colour and shape
-        plan = [(expr_type, False, False, False) for expr_type in EXPRESSION_TYPES]
-        plan += [(expr_type, True, absent_name, False) for expr_type, absent_name in zip(null_types, absent_names)]
+        # (type, null, absent_name, kind): "name" expressions name one object by colour and shape, "pair" ones two
+        plan = [(expr_type, False, False, "planned") for expr_type in EXPRESSION_TYPES]
+        plan += [(expr_type, True, absent_name, "planned") for expr_type, absent_name in zip(null_types, absent_names)]
         if spoken_names:
-            plan = [("speech", k % 2 == 1, True, True) for k in range(spoken_names)]
+            plan = [("speech", k % 2 == 1, True, "name") for k in range(spoken_names)]
         plan += [
-            (PLAIN_TYPES[(index * present_names + k) % len(PLAIN_TYPES)], False, False, True)
+            (PLAIN_TYPES[(index * present_names + k) % len(PLAIN_TYPES)], False, False, "name")
             for k in range(present_names)
         ]
-        for exp_id, (expr_type, null, absent_name, by_name) in enumerate(plan):
-            if by_name:
+        plan += [("speech", False, False, "pair") for _ in range(spoken_pairs)]
+        for exp_id, (expr_type, null, absent_name, kind) in enumerate(plan):
+            if kind == "name":
                 expression = replace(_name_expression(clip, rng, null), expr_type=expr_type)
+            elif kind == "pair":
+                expression = replace(_pair_expression(clip, rng), expr_type=expr_type)
             else:
                 expression = _plan_expression(clip, rng, expr_type, null, absent_name)
             has_speech, _, _ = referring_modalities(expr_type)

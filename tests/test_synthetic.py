@@ -255,6 +255,34 @@ def test_present_names_add_text_and_speech_names_of_objects_in_the_clip(tmp_path
         make_synthetic_dataset(tmp_path / "bad", "omniavs", present_names=-1)
 
 
+@needs_espeak
+def test_spoken_pairs_add_speech_naming_two_objects_of_the_clip(tmp_path):
+    common = {"num_videos": 2, "seed": 1, "split": "train", "nulls_per_video": 2, "explanation_rate": 1.0, **SMALL}
+    make_synthetic_dataset(tmp_path / "names", "omniavs", present_names=1, **common)
+    make_synthetic_dataset(tmp_path / "pairs", "omniavs", present_names=1, spoken_pairs=2, **common)
+    names, pairs = list(OmniAVSReader(tmp_path / "names", "train")), list(OmniAVSReader(tmp_path / "pairs", "train"))
+    before = len(EXPRESSION_TYPES) + 2 + 1
+    first = [(r.exp_id, r.expr_type, r.text, r.is_null) for r in names if r.video_id == "video0000"]
+    assert [(r.exp_id, r.expr_type, r.text, r.is_null) for r in pairs[:before]] == first
+    extra = [r for r in pairs if int(r.exp_id) >= before]
+    assert [(r.video_id, r.expr_type) for r in extra] == [(f"video000{v}", "speech") for v in range(2) for _ in "ab"]
+    for record in extra:
+        assert not record.is_null and record.referring_speech_path is not None
+        first_name, second_name = record.text.split(" and ")
+        (_, colour, shape), (_, other_colour, other_shape) = first_name.split(), second_name.split()
+        assert shape in SCENE_SHAPES and other_shape in SCENE_SHAPES and shape != other_shape
+        assert record.explanation == f"Both {first_name} and {second_name} are in the video."
+        frame = np.asarray(Image.open(record.frame_paths[0]).convert("RGB")).astype(int)
+        (mask,) = record.gt_masks([0])
+        for name_colour in (colour, other_colour):
+            of_colour = np.abs(frame - np.array(SCENE_COLOURS[name_colour])).sum(axis=-1) < 60
+            assert (of_colour & mask).sum() > 0.6 * of_colour.sum()
+    with pytest.raises(ValueError, match="spoken_pairs applies to the omniavs format"):
+        make_synthetic_dataset(tmp_path / "bad", "refavs", spoken_pairs=1)
+    with pytest.raises(ValueError, match="spoken_pairs must be at least 0"):
+        make_synthetic_dataset(tmp_path / "bad", "omniavs", spoken_pairs=-1)
+
+
 def test_grefcoco_images_read_back_with_their_masks(tmp_path):
     from processing_oisa.training_image import decode_coco_segmentation
 
