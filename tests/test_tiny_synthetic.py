@@ -169,7 +169,8 @@ def trained_parts(calls: list[str]) -> list[tuple[str, str]]:
 def test_the_recipe_goes_on_from_the_latest_finished_part_alone(tmp_path):
     whole, calls = run_recipe_with_fake_tools(tmp_path, tmp_path / "whole")
     assert whole.returncode == 1 and "below the targets: not installed" in whole.stderr
-    parts = ["images", "reading", "questions", "clips", "colours", "nulls", "train", "shapes", "final"]
+    parts = ["images", "reading", "questions", "clips", "colours", "nulls", "train", "shapes", "final", "polish"]
+    parts += ["polished", "heard", "spoken"]
     assert [part for part, _ in trained_parts(calls)] == parts
     assert sum(call.startswith("oisa make-synthetic") for call in calls) == 8
 
@@ -187,5 +188,9 @@ def test_the_recipe_goes_on_from_the_latest_finished_part_alone(tmp_path):
         ("train", str(resumed / "nulls" / "final")),
         ("shapes", str(resumed / "train" / "final")),
         ("final", str(resumed / "shapes" / "final")),
+        ("polish", str(resumed / "final" / "final")),
+        ("polished", str(resumed / "polish" / "final")),
+        ("heard", str(resumed / "polished" / "final")),
+        ("spoken", str(resumed / "heard" / "final")),
     ]
     assert sum(call.startswith("oisa make-synthetic") for call in calls) == 8
