@@ -4,7 +4,7 @@
 #
 #   bash examples/train_oisa_tiny_synthetic.sh [WORK_DIR]
 #
-# About 4 hours 30 minutes on 2 CPU cores (about twice that on a slower machine, see README). Stopped part-way, the
+# About 6 to 7 hours on 2 CPU cores (about twice that on a slower machine, see README). Stopped part-way, the
 # same command with the same WORK_DIR (default: tiny-synthetic-run) goes on where it stopped: finished data and parts
 # are kept, a part in progress resumes from its last checkpoint (train.py --resume), and a WORK_DIR that holds only the
 # latest finished part (its folder and stamp) makes the data again and goes on from that part. Data and parts made by
@@ -56,7 +56,7 @@ make_data() {
 PART_NUMBER=0
 LAST_FINISHED=0
 # the part whose final model is evaluated and installed
-LAST_PART=spoken
+LAST_PART=paired
 train_part() {
     local part=$1 config=$2 from=$3
     shift 3
@@ -83,8 +83,9 @@ recipe() {
     # the data: still images in the gRefCOCO layout, 3000 with half of them in one colour (seed 14) and 3000 of three
     # colours (seed 12); still images with image-text conversations, 3000 half in one colour (seed 15, 4 questions
     # each) and 12000 more (seed 21); 3000 audio-text clips (seed 16); 600 clips in the OmniAVS layout with 3 null
-    # expressions each (seed 11) and 600 with 6 (seed 17), each also with one more name of an object in the clip; 40
-    # held-out clips from another seed (2026)
+    # expressions each (seed 11) and 600 with 6 (seed 17), each also with one more name of an object in the clip, and
+    # 600 more with 6 (seed 23) and two speech expressions each naming two objects of the clip; 40 held-out clips from
+    # another seed (2026)
     make_data images --format grefcoco --videos 3000 --seed 14 --split train --single-colour-rate 0.5
     make_data images-3c --format grefcoco --videos 3000 --seed 12 --split train
     make_data image_text --format image_text --videos 3000 --seed 15 --split train --nulls-per-video 4 \
@@ -95,6 +96,8 @@ recipe() {
     make_data omniavs --format omniavs --videos 600 --seed 11 --split train --nulls-per-video 3 --present-names 1
     make_data omniavs-nulls --format omniavs --videos 600 --seed 17 --split train --nulls-per-video 6 \
         --present-names 1
+    make_data spoken-pairs --format omniavs --videos 600 --seed 23 --split train --nulls-per-video 6 \
+        --present-names 1 --spoken-pairs 2
     make_data held-out --format omniavs --videos 40 --seed 2026 --split test
 
     # the untrained model (its LLM attention drawn wider than the default, see tiny.py)
@@ -121,11 +124,13 @@ recipe() {
     train_part final oisa_tiny_synthetic.json shapes omniavs=omniavs-nulls "${mixed[@]}"
 
     # then polishing, each 2000 steps of part 4's mixture at a third of its learning rate: twice as it is, then with
-    # the audio-text clips weighted 9000 and 60000 (three and twenty times their record count)
+    # the audio-text clips weighted 9000 and 60000 (three and twenty times their record count), then the last on other
+    # clips, with speech expressions naming two objects
     train_part polish oisa_tiny_synthetic_polish.json final omniavs=omniavs-nulls "${mixed[@]}"
     train_part polished oisa_tiny_synthetic_polish.json polish omniavs=omniavs-nulls "${mixed[@]}"
     train_part heard oisa_tiny_synthetic_polish_audio.json polished omniavs=omniavs-nulls "${mixed[@]}"
-    train_part "$LAST_PART" oisa_tiny_synthetic_polish_audio60k.json heard omniavs=omniavs-nulls "${mixed[@]}"
+    train_part spoken oisa_tiny_synthetic_polish_audio60k.json heard omniavs=omniavs-nulls "${mixed[@]}"
+    train_part "$LAST_PART" oisa_tiny_synthetic_pairs.json spoken omniavs=spoken-pairs "${mixed[@]}"
 }
 
 # the recipe runs twice: first only checking the stamps of what WORK_DIR holds, so that nothing is made in a WORK_DIR
@@ -142,14 +147,15 @@ done
 rm -rf "$WORK/eval" "$WORK/card"
 accelerate launch --cpu --num_processes 1 "$REPO/eval.py" --model "$WORK/$LAST_PART/final" --dataset omniavs \
     --data-root "$WORK/data/held-out" --out "$WORK/eval" --card "$WORK/card" --card-template oisa-tiny-synthetic \
-    --card-field repo_id=oisa-tiny-synthetic \
+    --card-field repo_id=oisa-tiny-synthetic --card-field model_name=OISA-tiny-synthetic \
     --card-field training_data="'oisa make-synthetic: 6000 still images (seeds 14 and 12), 15000 image-text\
- conversations (seeds 15 and 21), 3000 audio-text clips (seed 16) and 1200 clips (seeds 11 and 17)'" \
+ conversations (seeds 15 and 21), 3000 audio-text clips (seed 16) and 1800 clips (seeds 11, 17 and 23)'" \
     --card-field training="'examples/train_oisa_tiny_synthetic.sh: configs/oisa_tiny_synthetic_images.json\
  (1500 steps), oisa_tiny_synthetic_reading.json (1500), oisa_tiny_synthetic_questions.json (1500),\
  oisa_tiny_synthetic.json (4050, 4050, 4500 and 4500), oisa_tiny_synthetic_shapes.json (16000),\
  oisa_tiny_synthetic.json (4500), oisa_tiny_synthetic_polish.json (2000, twice),\
- oisa_tiny_synthetic_polish_audio.json (2000), oisa_tiny_synthetic_polish_audio60k.json (2000), on CPU'"
+ oisa_tiny_synthetic_polish_audio.json (2000), oisa_tiny_synthetic_polish_audio60k.json (2000),\
+ oisa_tiny_synthetic_pairs.json (2000), on CPU'"
 
 # only a model that meets the targets is installed: J&F >= 0.8 overall and per type, null expressions answered
 # "No target matches this expression." at least 90% of the time

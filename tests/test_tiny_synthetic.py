@@ -170,9 +170,9 @@ def test_the_recipe_goes_on_from_the_latest_finished_part_alone(tmp_path):
     whole, calls = run_recipe_with_fake_tools(tmp_path, tmp_path / "whole")
     assert whole.returncode == 1 and "below the targets: not installed" in whole.stderr
     parts = ["images", "reading", "questions", "clips", "colours", "nulls", "train", "shapes", "final", "polish"]
-    parts += ["polished", "heard", "spoken"]
+    parts += ["polished", "heard", "spoken", "paired"]
     assert [part for part, _ in trained_parts(calls)] == parts
-    assert sum(call.startswith("oisa make-synthetic") for call in calls) == 8
+    assert sum(call.startswith("oisa make-synthetic") for call in calls) == 9
 
     # a WORK_DIR that holds only the finished `clips` part and its stamp: the data is made again, the parts before
     # `clips` are not trained again, and `colours` starts from the `clips` model
@@ -192,5 +192,6 @@ def test_the_recipe_goes_on_from_the_latest_finished_part_alone(tmp_path):
         ("polished", str(resumed / "polish" / "final")),
         ("heard", str(resumed / "polished" / "final")),
         ("spoken", str(resumed / "heard" / "final")),
+        ("paired", str(resumed / "spoken" / "final")),
     ]
-    assert sum(call.startswith("oisa make-synthetic") for call in calls) == 8
+    assert sum(call.startswith("oisa make-synthetic") for call in calls) == 9
