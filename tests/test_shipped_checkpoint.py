@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from modeling_oisa import MissingCheckpointError, tiny_synthetic_path
+from modeling_oisa import tiny_synthetic_path
 from processing_oisa.cli import main as oisa_main
 from processing_oisa.prompts import EXPRESSION_TYPES, NULL_ANSWER
 
@@ -28,10 +28,8 @@ SHIPPED_FILES = [
 
 @pytest.fixture(scope="module")
 def shipped() -> Path:
-    try:
-        return tiny_synthetic_path()
-    except MissingCheckpointError as error:
-        pytest.skip(f"OISA-tiny-synthetic is not shipped yet: {error}")
+    # the repository ships the checkpoint: its absence is a failure, not a skip
+    return tiny_synthetic_path()
 
 
 def test_the_shipped_folder_holds_weights_configs_processor_and_card(shipped):
