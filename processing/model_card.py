@@ -19,6 +19,7 @@ from typing import Any
 
 import jinja2
 import numpy as np
+import oisa_hub_cards
 import yaml
 from huggingface_hub import EvalResult, ModelCard
 from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
@@ -29,8 +30,7 @@ from .eval_report import ROMAN, omniavs_table, refavs_table
 from .prompts import EXPRESSION_TYPES
 
 
-# the templates live beside the package folders in the source checkout
-TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "hub_cards"
+TEMPLATE_DIR = Path(oisa_hub_cards.__file__).resolve().parent
 TEMPLATES = ("oisa-1b", "oisa-tiny-synthetic", "fine-tune")
 TASK_TYPE = "image-segmentation"
 TASK_NAME = "Referring audio-visual segmentation"
@@ -56,7 +56,7 @@ def resolve_template(template: str | Path) -> Path:
     if str(template) in TEMPLATES:
         path = TEMPLATE_DIR / f"{template}.md"
         if not path.is_file():
-            raise ModelCardError(f"{path}: the template {template!r} is missing (the templates ship with the source)")
+            raise ModelCardError(f"{path}: the template {template!r} is missing from this installation")
         return path
     path = Path(template)
     if path.is_file():

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 from unittest import mock
 
@@ -345,3 +346,16 @@ def test_train_push_to_hub_publishes_the_merged_model(tmp_path, checkpoint):
               push_to_hub="someone/oisa-ft", cpu=True)
     create_repo.assert_called_once_with("someone/oisa-ft", repo_type="model", private=False, exist_ok=True)
     assert upload.call_args.kwargs["repo_id"] == "someone/oisa-ft"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("setuptools") is None, reason="building a wheel offline needs setuptools")
+def test_the_wheel_carries_the_card_templates_and_the_shipped_checkpoint(tmp_path):
+    # outside a source checkout, `oisa push` renders its cards from the installed templates
+    command = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation"]
+    subprocess.run([*command, "-w", str(tmp_path), str(REPO)], check=True, timeout=300, capture_output=True)
+    (wheel,) = tmp_path.glob("oisa-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    templates = {f"oisa_hub_cards/{name}.md" for name in TEMPLATES} | {"oisa_hub_cards/_usage.md"}
+    assert templates <= names
+    checkpoint = "modeling_oisa/checkpoints/oisa-tiny-synthetic"
+    assert {f"{checkpoint}/model.safetensors", f"{checkpoint}/config.json", f"{checkpoint}/README.md"} <= names
