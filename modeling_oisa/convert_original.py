@@ -8,7 +8,9 @@ Whisper head count from a companion config. Weights may be safetensors or `.bin`
 still LoRA-wrapped (PEFT keys, merged here in float32).
 """
 
+import dataclasses
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -18,7 +20,7 @@ from pathlib import Path
 import torch
 from huggingface_hub import snapshot_download
 from safetensors import safe_open
-from transformers import AutoTokenizer, PreTrainedConfig
+from transformers import AutoTokenizer, InternVLVisionConfig, PreTrainedConfig, Qwen2Config, WhisperConfig
 from transformers.utils import cached_file, logging
 
 from .configuration_oisa import OisaConfig
@@ -27,6 +29,10 @@ from .configuration_oisa import OisaConfig
 logger = logging.get_logger(__name__)
 
 ORIGINAL_MODEL_TYPE = "internvl_chat"
+
+# Sampling points per head of the ViT-Adapter's deformable attention, hard-coded by the original: the weights give only
+# heads x points.
+ORIGINAL_ADAPTER_N_POINTS = 4
 
 # Original tensors that OISA does not have, with the reason. Everything else maps to exactly one parameter (the
 # fused ViT `attn.qkv` to three).
@@ -88,6 +94,17 @@ class OisaOriginalConfig(PreTrainedConfig):
     """
 
     model_type = ORIGINAL_MODEL_TYPE
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        # sizes given to `AutoModel.from_pretrained` for the conversion (`vision_config={...}` too) are not updates of
+        # this config: leave them in the unused kwargs, which reach the model's `from_pretrained`
+        conversion = {name: kwargs.pop(name) for name in OVERRIDABLE_FIELDS if name in kwargs}
+        loaded = super().from_dict(config_dict, **kwargs)
+        if kwargs.get("return_unused_kwargs"):
+            config, unused = loaded
+            return config, {**unused, **conversion}
+        return loaded
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -490,50 +507,111 @@ def check_original_behaviour(original_config: Mapping) -> None:
             )
 
 
-def vision_config_from_original(original_config: Mapping) -> dict:
-    """InternVLVisionConfig fields from the original InternViT config (`intern_vit_6b`)."""
-    vision = original_config["vision_config"]
-    image_size = original_config.get("force_image_size") or vision["image_size"]
+def _override_hint(name: str, example: str) -> str:
+    section, _, field = name.partition(".")
+    keyword = f"{section}={{{field!r}: {example}}}" if field else f"{name}={example}"
+    return f"give it with `oisa convert --set {name}={example}` or `from_pretrained(..., {keyword})`"
+
+
+def _required_field(section: Mapping, name: str, where: str):
+    if name not in section:
+        raise OisaCheckpointError(
+            f"The original config.json has no {where}.{name}, which sets a size of the model: "
+            f"{_override_hint(f'{where}.{name}', 'N')}."
+        )
+    return section[name]
+
+
+def vision_config_from_original(original_config: Mapping, given: Mapping | None = None) -> dict:
+    """
+    InternVLVisionConfig fields from the original InternViT config (`intern_vit_6b`), updated with the `given` fields
+    (which may supply a size the config lacks).
+    """
+    vision = {**(original_config.get("vision_config") or {}), **(given or {})}
+    required = {
+        name: _required_field(vision, name, "vision_config")
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size")
+    }
+    image_size = original_config.get("force_image_size") or _required_field(vision, "image_size", "vision_config")
     return {
-        "hidden_size": vision["hidden_size"],
-        "num_hidden_layers": vision["num_hidden_layers"],
-        "num_attention_heads": vision["num_attention_heads"],
-        "intermediate_size": vision["intermediate_size"],
+        **required,
         "attention_bias": vision.get("qkv_bias", True),
         "use_qk_norm": vision.get("qk_normalization", False),
         "norm_type": vision.get("norm_type", "rms_norm"),
         "layer_norm_eps": vision.get("layer_norm_eps", 1e-6),
         "hidden_act": vision.get("hidden_act", "gelu"),
         "image_size": image_size,
-        "patch_size": vision["patch_size"],
         # InternViT has no final norm before the LLM projector
         "use_mean_pooling": True,
+        **(given or {}),
     }
 
 
-def text_config_from_original(original_config: Mapping, vocab_size: int) -> dict:
-    """Qwen2Config fields from the original `llm_config`, with the vocabulary size of the weights."""
-    llm = original_config["llm_config"]
+def text_config_from_original(original_config: Mapping, vocab_size: int, given: Mapping | None = None) -> dict:
+    """
+    Qwen2Config fields from the original `llm_config`, with the vocabulary size of the weights, updated with the
+    `given` fields (which may supply a size the config lacks).
+    """
+    llm = {**(original_config.get("llm_config") or {}), **(given or {})}
     architectures = llm.get("architectures") or ["Qwen2ForCausalLM"]
     if llm.get("model_type", "qwen2") != "qwen2" or architectures != ["Qwen2ForCausalLM"]:
         raise OisaCheckpointError(
             f"OISA's LLM is Qwen2; this checkpoint's is {llm.get('model_type')} {architectures}."
         )
+    for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+        _required_field(llm, name, "llm_config")
     text_config = {"model_type": "qwen2", **{field: llm[field] for field in _QWEN2_FIELDS if field in llm}}
     text_config["vocab_size"] = vocab_size
-    return text_config
+    return {**text_config, **(given or {})}
 
 
-def adapter_config_from_weights(shapes: Mapping[str, tuple[int, ...]], num_vit_layers: int, hidden_size: int) -> dict:
-    """The ViT-Adapter sizes the original hard-codes, read from its weights."""
+def _width_ratio(width: int, hidden_size: int) -> float:
+    """The ratio r with int(hidden_size * r) == width, as the original computes widths from ratios."""
+    ratio = width / hidden_size
+    while int(hidden_size * ratio) < width:
+        ratio = math.nextafter(ratio, math.inf)
+    return ratio
+
+
+def adapter_config_from_weights(
+    shapes: Mapping[str, tuple[int, ...]],
+    num_vit_layers: int,
+    hidden_size: int,
+    overrides: Mapping | None = None,
+) -> dict:
+    """
+    The ViT-Adapter sizes the original hard-codes, read from its weights. Two cannot be read: where each interaction
+    block starts (taken as an equal split of the ViT layers) and the sampling points per head (the original's 4),
+    which with the head count make the attention's rows; `overrides` gives either.
+    """
+    overrides = overrides or {}
     keys = list(shapes)
     num_blocks = _count_indexes(keys, "vision_model.interactions.")
-    if num_blocks == 0 or num_vit_layers % num_blocks:
-        raise OisaCheckpointError(
-            f"{num_blocks} adapter interaction blocks cannot split the {num_vit_layers} ViT layers equally; pass "
-            f"`adapter_interaction_indexes` explicitly."
+    if num_blocks == 0:
+        raise OisaCheckpointError("The original checkpoint has no ViT-Adapter interaction blocks (vision_model.interactions).")
+    interaction_indexes = overrides.get("adapter_interaction_indexes")
+    if interaction_indexes is None:
+        if num_vit_layers % num_blocks:
+            example = json.dumps([[0, num_vit_layers // 2 - 1], [num_vit_layers // 2, num_vit_layers - 1]])
+            raise OisaCheckpointError(
+                f"{num_blocks} adapter interaction blocks cannot split the {num_vit_layers} ViT layers equally, and "
+                f"the weights do not say which layers each block runs: "
+                f"{_override_hint('adapter_interaction_indexes', example.replace(' ', ''))} (one [first, last] pair "
+                f"per block)."
+            )
+        per_block = num_vit_layers // num_blocks
+        interaction_indexes = [[block * per_block, (block + 1) * per_block - 1] for block in range(num_blocks)]
+        logger.info(
+            "The %d adapter interaction blocks are read as an equal split, %s, of the ViT layers (the weights do not "
+            "say it): if they are not, %s.",
+            num_blocks,
+            json.dumps(interaction_indexes),
+            _override_hint("adapter_interaction_indexes", "[[FIRST,LAST],...]"),
         )
-    per_block = num_vit_layers // num_blocks
+    elif len(interaction_indexes) != num_blocks:
+        raise OisaCheckpointError(
+            f"`adapter_interaction_indexes` has {len(interaction_indexes)} blocks, but the checkpoint has {num_blocks}."
+        )
     last_block = f"vision_model.interactions.{num_blocks - 1}."
     misplaced = [key for key in keys if ".extra_extractors." in key and not key.startswith(last_block)]
     if misplaced:
@@ -541,13 +619,29 @@ def adapter_config_from_weights(shapes: Mapping[str, tuple[int, ...]], num_vit_l
     extractor = "vision_model.interactions.0.extractor."
     value_dim = _shape(shapes, f"{extractor}attn.value_proj.weight")[0]
     cffn_dim = _shape(shapes, f"{extractor}ffn.fc1.weight")[0]
+    # one value level: the attention weights have heads x points rows
+    heads_times_points = _shape(shapes, f"{extractor}attn.attention_weights.weight")[0]
+    n_points = overrides.get("adapter_n_points", ORIGINAL_ADAPTER_N_POINTS)
+    num_heads = overrides.get("adapter_deform_num_heads", heads_times_points // n_points)
+    if num_heads * n_points != heads_times_points:
+        raise OisaCheckpointError(
+            f"The adapter's deformable attention has {heads_times_points} attention weights per query (heads x "
+            f"points), which {num_heads} heads of {n_points} points do not make: "
+            f"{_override_hint('adapter_n_points', 'N')} or `adapter_deform_num_heads`."
+        )
+    if hidden_size % num_heads or value_dim % num_heads:
+        raise OisaCheckpointError(
+            f"The adapter's deformable attention read as {num_heads} heads of {n_points} points does not divide the "
+            f"ViT width ({hidden_size}) and its value width ({value_dim}): if the checkpoint's heads have another "
+            f"number of points, {_override_hint('adapter_n_points', 'N')}."
+        )
     return {
         "adapter_conv_inplane": _shape(shapes, "vision_model.spm.stem.0.weight")[0],
-        "adapter_interaction_indexes": [
-            [block * per_block, (block + 1) * per_block - 1] for block in range(num_blocks)
-        ],
-        "adapter_deform_ratio": value_dim / hidden_size,
-        "adapter_cffn_ratio": cffn_dim / hidden_size,
+        "adapter_interaction_indexes": [list(block) for block in interaction_indexes],
+        "adapter_deform_num_heads": num_heads,
+        "adapter_n_points": n_points,
+        "adapter_deform_ratio": _width_ratio(value_dim, hidden_size),
+        "adapter_cffn_ratio": _width_ratio(cffn_dim, hidden_size),
         "adapter_num_extra_extractors": _count_indexes(
             keys, f"vision_model.interactions.{num_blocks - 1}.extra_extractors."
         ),
@@ -562,6 +656,11 @@ def mask_head_config_from_weights(shapes: Mapping[str, tuple[int, ...]]) -> dict
     hidden_dim, in_channels = _shape(shapes, f"{pixel}input_proj.0.0.weight")[:2]
     # the pixel decoder's deformable attention reads 3 levels with 4 points per head
     attention_outputs = _shape(shapes, f"{pixel}transformer.encoder.layers.0.self_attn.attention_weights.weight")[0]
+    if attention_outputs % (3 * 4):
+        raise OisaCheckpointError(
+            f"The pixel decoder's deformable attention has {attention_outputs} attention weights per query, not a "
+            f"multiple of its 3 levels x 4 points."
+        )
     return {
         "mask_head_in_channels": in_channels,
         "mask_hidden_dim": hidden_dim,
@@ -575,6 +674,47 @@ def mask_head_config_from_weights(shapes: Mapping[str, tuple[int, ...]]) -> dict
     }
 
 
+SUB_CONFIG_CLASSES = {
+    "vision_config": InternVLVisionConfig,
+    "text_config": Qwen2Config,
+    "audio_config": WhisperConfig,
+}
+# the OisaConfig fields a conversion may be given: OISA's own, not PreTrainedConfig's
+OVERRIDABLE_FIELDS = tuple(
+    field.name
+    for field in dataclasses.fields(OisaConfig)
+    if field.name not in {base.name for base in dataclasses.fields(PreTrainedConfig)}
+)
+
+
+def split_config_overrides(overrides: Mapping) -> tuple[dict, dict[str, dict]]:
+    """
+    Checks conversion overrides and splits them into OisaConfig fields and sub-config fields. A sub-config field is
+    given as `vision_config.num_attention_heads` (as `oisa convert --set` passes it) or as a dict under the
+    sub-config's name (as `from_pretrained(..., text_config={...})` passes it).
+    """
+    top, sub = {}, {name: {} for name in SUB_CONFIG_CLASSES}
+    for key, value in overrides.items():
+        name, _, field = key.partition(".")
+        if name in SUB_CONFIG_CLASSES and (field or isinstance(value, Mapping)):
+            fields = {field: value} if field else dict(value)
+            for field_name in fields:
+                if not hasattr(SUB_CONFIG_CLASSES[name](), field_name):
+                    raise OisaCheckpointError(
+                        f"Unknown size {name}.{field_name}: {SUB_CONFIG_CLASSES[name].__name__} has no such field."
+                    )
+            sub[name].update(fields)
+        elif key in OVERRIDABLE_FIELDS and not field:
+            top[key] = value
+        else:
+            raise OisaCheckpointError(
+                f"Unknown size {key!r}: give an OisaConfig field "
+                f"({', '.join(name for name in OVERRIDABLE_FIELDS if name not in SUB_CONFIG_CLASSES)}) or a field of "
+                f"vision_config, text_config or audio_config as `vision_config.NAME`."
+            )
+    return top, sub
+
+
 def oisa_config_from_original(
     original_config: Mapping,
     shapes: Mapping[str, tuple[int, ...]],
@@ -583,15 +723,18 @@ def oisa_config_from_original(
     **overrides,
 ) -> OisaConfig:
     """
-    The [`OisaConfig`] of an original checkpoint from its `config.json` (ViT and LLM), the shapes of its (merged)
-    tensors (adapter, mask head, Whisper encoder) and a Whisper config giving the encoder's head count. `token_ids`
-    maps `image_token_id`, `audio_token_id`, `sub_audio_token_id` and `seg_token_id` to the tokenizer's ids.
+    The [`OisaConfig`] of an original checkpoint. Sizes come from where the original takes them: the ViT and the LLM
+    from its `config.json` (vocabulary from the weights), the adapter, mask head and Whisper encoder from the weights'
+    shapes, the Whisper head count from `audio_encoder_config`. `token_ids` maps `image_token_id`, `audio_token_id`,
+    `sub_audio_token_id` and `seg_token_id` to the tokenizer's ids. `overrides` set any OisaConfig field (sub-config
+    fields as `vision_config.NAME` or a dict) where the checkpoint cannot say it.
     """
     if original_config.get("model_type") != ORIGINAL_MODEL_TYPE:
         raise OisaCheckpointError(
             f"Not an original OISA config: model_type is {original_config.get('model_type')!r}, not "
             f"{ORIGINAL_MODEL_TYPE!r}."
         )
+    top_overrides, sub_overrides = split_config_overrides(overrides)
     check_original_behaviour(original_config)
     if "mask_decoder.predictor.seg_token_proj.layers.0.weight" not in shapes:
         raise OisaCheckpointError(
@@ -599,26 +742,34 @@ def oisa_config_from_original(
             "stage-1 model, not a segmentation model. Build from parts with `build_stage1_model`, or load a plain "
             "InternVL2 with `trust_remote_code=True`."
         )
-    vision_config = vision_config_from_original(original_config)
+    vision_config = vision_config_from_original(original_config, sub_overrides["vision_config"])
     vocab_size = _shape(shapes, "language_model.model.embed_tokens.weight")[0]
-    text_config = text_config_from_original(original_config, vocab_size)
+    text_config = text_config_from_original(original_config, vocab_size, sub_overrides["text_config"])
     tie_word_embeddings = "language_model.lm_head.weight" not in shapes
     if tie_word_embeddings and not text_config.get("tie_word_embeddings", False):
         raise OisaCheckpointError("The checkpoint has no language_model.lm_head.weight but its LLM is not tied.")
     text_config["tie_word_embeddings"] = tie_word_embeddings
-    audio_config = audio_config_from_weights(shapes, audio_encoder_config, original_config.get("audio_config"))
+    audio_config = {
+        **audio_config_from_weights(shapes, audio_encoder_config, original_config.get("audio_config")),
+        **sub_overrides["audio_config"],
+    }
     fields = {
         "vision_config": vision_config,
         "text_config": text_config,
         "audio_config": audio_config,
         "downsample_ratio": original_config.get("downsample_ratio", 0.5),
         "tie_word_embeddings": tie_word_embeddings,
-        **adapter_config_from_weights(shapes, vision_config["num_hidden_layers"], vision_config["hidden_size"]),
+        **adapter_config_from_weights(
+            shapes, vision_config["num_hidden_layers"], vision_config["hidden_size"], top_overrides
+        ),
         **mask_head_config_from_weights(shapes),
         **(token_ids or {}),
-        **overrides,
+        **top_overrides,
     }
-    return OisaConfig(**fields)
+    try:
+        return OisaConfig(**fields)
+    except (ValueError, TypeError) as error:
+        raise OisaCheckpointError(f"The sizes read from the checkpoint make no valid OisaConfig: {error}") from error
 
 
 def token_ids_from_tokenizer(tokenizer) -> dict[str, int]:
@@ -665,6 +816,72 @@ def convert_original_state_dict(
         for target, part in zip(targets, parts):
             converted[target] = part.contiguous()
     return converted
+
+
+def oisa_state_dict_to_original(
+    state_dict: Mapping[str, torch.Tensor], config: OisaConfig
+) -> dict[str, torch.Tensor]:
+    """
+    The inverse of [`convert_original_state_dict`]: our tensors under the original names, InternViT's q/k/v fused back
+    into `attn.qkv`, the tied LM head left out. `DROPPED_ORIGINAL_KEYS` are not written.
+    """
+    original, fused = {}, {}
+    for key, tensor in state_dict.items():
+        if config.tie_word_embeddings and key == "lm_head.weight":
+            continue
+        original_key = oisa_to_original_key(key, config)
+        if original_key is None:
+            raise OisaCheckpointError(f"Our weight {key!r} has no original name.")
+        match = _QKV_REVERSE.match(key)
+        if match:
+            fused.setdefault(original_key, {})[match["part"]] = tensor
+        else:
+            original[original_key] = tensor
+    for original_key, parts in fused.items():
+        original[original_key] = torch.cat([parts[part] for part in _QKV_PARTS])
+    return original
+
+
+def original_config_from_oisa(config: OisaConfig) -> dict:
+    """
+    The inverse of [`oisa_config_from_original`] for what an original `config.json` holds: InternViT's
+    `vision_config`, Qwen2's `llm_config` and the image settings. The sizes the original reads from its weights or
+    hard-codes are not in it, and, as in the original, its `audio_config` holds WhisperConfig's defaults: the Whisper
+    head count goes in a companion file (`AUDIO_ENCODER_CONFIG_NAMES`).
+    """
+    vision = config.vision_config
+    text = config.text_config.to_dict()
+    rope = text.get("rope_parameters") or {}
+    llm_config = {field: text[field] for field in _QWEN2_FIELDS if field in text and field != "rope_scaling"}
+    llm_config.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"], rope_theta=rope.get("rope_theta"))
+    if rope.get("rope_type", "default") != "default":
+        llm_config["rope_scaling"] = {key: value for key, value in rope.items() if key != "rope_theta"}
+    return {
+        "model_type": ORIGINAL_MODEL_TYPE,
+        "architectures": ["InternVLChatModel"],
+        "force_image_size": config.image_size,
+        "downsample_ratio": config.downsample_ratio,
+        "ps_version": "v2",
+        "select_layer": -1,
+        "template": "Hermes-2",
+        "enable_mask": True,
+        "vision_config": {
+            "model_type": "intern_vit_6b",
+            "hidden_size": vision.hidden_size,
+            "num_hidden_layers": vision.num_hidden_layers,
+            "num_attention_heads": vision.num_attention_heads,
+            "intermediate_size": vision.intermediate_size,
+            "qkv_bias": vision.attention_bias,
+            "qk_normalization": vision.use_qk_norm,
+            "norm_type": vision.norm_type,
+            "layer_norm_eps": vision.layer_norm_eps,
+            "hidden_act": vision.hidden_act,
+            "image_size": config.image_size,
+            "patch_size": vision.patch_size[0],
+        },
+        "llm_config": llm_config,
+        "audio_config": WhisperConfig().to_dict(),
+    }
 
 
 def check_converted_state_dict(
@@ -728,11 +945,13 @@ def convert_original_in_memory(
     model_class: type,
     audio_encoder_config: Mapping | str | os.PathLike | None = None,
     dtype: torch.dtype | None = None,
+    config_overrides: Mapping | None = None,
 ) -> ConvertedCheckpoint:
     """
     Converts an original checkpoint directory: reads and merges its weights, builds the config (Whisper head count
-    from `audio_encoder_config`, else from a companion file), renames the weights and checks them strictly against a
-    `model_class` of that config. Floating tensors are cast to `dtype` when given.
+    from `audio_encoder_config`, else from a companion file; `config_overrides` for what the checkpoint cannot say),
+    renames the weights and checks them strictly against a `model_class` of that config. Floating tensors are cast to
+    `dtype` when given.
     """
     directory = Path(directory)
     original_config = read_original_config(directory)
@@ -744,7 +963,7 @@ def convert_original_in_memory(
     tokenizer = load_original_tokenizer(directory)
     shapes = {key: tuple(tensor.shape) for key, tensor in checkpoint.tensors.items()}
     config = oisa_config_from_original(
-        original_config, shapes, audio_encoder_config, token_ids_from_tokenizer(tokenizer)
+        original_config, shapes, audio_encoder_config, token_ids_from_tokenizer(tokenizer), **(config_overrides or {})
     )
     converted = convert_original_state_dict(checkpoint.tensors, checkpoint.files, dtype)
     weight_file_names = ", ".join(sorted(set(checkpoint.files.values())))
@@ -809,23 +1028,27 @@ def convert_original_checkpoint(
     audio_encoder_config: Mapping | str | os.PathLike | None = None,
     named_special_tokens: Mapping[str, str] | None = None,
     dtype: torch.dtype | str = "auto",
+    config_overrides: Mapping | None = None,
     **download_kwargs,
 ) -> None:
     """
     Converts an original OISA checkpoint (`src`: a directory or a Hub repo id) to OISA's format in `dst`: weights with
     our names (`save_pretrained(save_original_format=False)`), config, a generation config that stops at `<|im_end|>`
     and the tokenizer, which exposes `named_special_tokens` as attributes (`tokenizer.seg_token_id`; the `oisa convert`
-    command passes `processing_oisa`'s `NAMED_SPECIAL_TOKENS`). `dtype` "auto" keeps the checkpoint's dtype.
+    command passes `processing_oisa`'s `NAMED_SPECIAL_TOKENS`). `dtype` "auto" keeps the checkpoint's dtype;
+    `config_overrides` sets the sizes the checkpoint cannot say (see [`oisa_config_from_original`]).
     """
     from .modeling_oisa import OisaForReferringSegmentation  # modeling_oisa imports this module
 
+    top_overrides, sub_overrides = split_config_overrides(config_overrides or {})
+    overrides = {**top_overrides, **{name: fields for name, fields in sub_overrides.items() if fields}}
     directory = find_original_checkpoint(src, **download_kwargs)
     if directory is None:
         raise OisaCheckpointError(
             f"{src} is not an original OISA checkpoint (config.json with model_type internvl_chat)."
         )
     model = OisaForReferringSegmentation.from_pretrained(
-        directory, audio_encoder_config=audio_encoder_config, dtype=dtype
+        directory, audio_encoder_config=audio_encoder_config, dtype=dtype, **overrides
     )
     model.save_pretrained(dst, save_original_format=False)
     tokenizer = load_original_tokenizer(directory, named_special_tokens)

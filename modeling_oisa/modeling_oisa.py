@@ -16,7 +16,7 @@ from transformers.utils import ModelOutput
 
 from .audio_encoder import OisaAudioEncoder, audio_token_counts
 from .configuration_oisa import OisaConfig
-from .convert_original import convert_original_in_memory, find_original_checkpoint
+from .convert_original import OVERRIDABLE_FIELDS, convert_original_in_memory, find_original_checkpoint
 from .deformable_attention import OisaMultiscaleDeformableAttention
 from .losses import point_mask_losses, presence_loss
 from .mask_head import OisaMaskHead, OisaQueryDecoder, OisaQueryDecoderLayer, OisaQueryDecoderOutput
@@ -239,7 +239,9 @@ class OisaForReferringSegmentation(OisaPreTrainedModel, GenerationMixin):
         `FudanCVL/OISA-1B-OmniAVS`), which is converted in memory: LoRA pairs merged, weights renamed and checked
         strictly, config rebuilt from the weights. The original does not describe its Whisper encoder's head count;
         it comes from an `internomni_whisper_config.json` or `audio_encoder_config.json` beside the weights, or from
-        the extra argument `audio_encoder_config` (a WhisperConfig dict or the path of its JSON).
+        the extra argument `audio_encoder_config` (a WhisperConfig dict or the path of its JSON). Any other size the
+        checkpoint cannot say is given as a keyword argument named as the `OisaConfig` field
+        (`adapter_interaction_indexes=[[0, 1], [2, 4]]`, `vision_config={"num_attention_heads": 8}`).
         """
         original_dir = None
         if pretrained_model_name_or_path is not None:
@@ -253,11 +255,13 @@ class OisaForReferringSegmentation(OisaPreTrainedModel, GenerationMixin):
         dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
         if isinstance(dtype, str) and dtype != "auto":
             dtype = getattr(torch, dtype)
+        config_overrides = {name: kwargs.pop(name) for name in OVERRIDABLE_FIELDS if name in kwargs}
         converted = convert_original_in_memory(
             original_dir,
             cls,
             audio_encoder_config=kwargs.pop("audio_encoder_config", None),
             dtype=dtype if isinstance(dtype, torch.dtype) else None,
+            config_overrides=config_overrides,
         )
         for name in ("cache_dir", "revision", "token", "force_download", "local_files_only", "trust_remote_code"):
             kwargs.pop(name, None)

@@ -1,6 +1,7 @@
 """The `oisa` command line."""
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -70,8 +71,6 @@ def write_tiny_random(output_dir: Path, seed: int, preset: str = "reference") ->
 
 def segment_video(args: argparse.Namespace) -> None:
     """`oisa segment`: masks, an overlay video, a contact sheet and result.json for one expression."""
-    import json
-
     import numpy as np
     from PIL import Image
     from tqdm.auto import tqdm
@@ -139,7 +138,25 @@ def segment_video(args: argparse.Namespace) -> None:
     logger.info("wrote %d masks, overlay.mp4, contact_sheet.png and result.json to %s", reader.info.num_frames, out)
 
 
-def convert_original(src: str, dst: Path, audio_encoder_config: Path | None, dtype: str) -> None:
+def parse_config_overrides(pairs: list[str]) -> dict:
+    """`oisa convert --set KEY=VALUE` pairs as a dict, each VALUE read as JSON (a bare word stays a string)."""
+    from modeling_oisa import OisaCheckpointError
+
+    overrides = {}
+    for pair in pairs:
+        key, separator, text = pair.partition("=")
+        if not separator or not key:
+            raise OisaCheckpointError(f"--set {pair!r}: expected KEY=VALUE, e.g. adapter_n_points=4.")
+        try:
+            overrides[key] = json.loads(text)
+        except json.JSONDecodeError:
+            overrides[key] = text
+    return overrides
+
+
+def convert_original(
+    src: str, dst: Path, audio_encoder_config: Path | None, dtype: str, config_overrides: dict | None = None
+) -> None:
     """Converts an original OISA checkpoint (directory or Hub repo id) to OISA's format, with its processor."""
     from modeling_oisa import convert_original_checkpoint
 
@@ -150,7 +167,12 @@ def convert_original(src: str, dst: Path, audio_encoder_config: Path | None, dty
     from .processing_oisa import OisaProcessor
 
     convert_original_checkpoint(
-        src, dst, audio_encoder_config=audio_encoder_config, named_special_tokens=NAMED_SPECIAL_TOKENS, dtype=dtype
+        src,
+        dst,
+        audio_encoder_config=audio_encoder_config,
+        named_special_tokens=NAMED_SPECIAL_TOKENS,
+        dtype=dtype,
+        config_overrides=config_overrides,
     )
     OisaProcessor.from_model_config(AutoConfig.from_pretrained(dst), AutoTokenizer.from_pretrained(dst)).save_pretrained(dst)
     logger.info("converted %s to %s", src, dst)
@@ -281,6 +303,16 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "float32", "bfloat16", "float16"),
         default="auto",
         help="dtype of the written weights (auto: the checkpoint's)",
+    )
+    convert.add_argument(
+        "--set",
+        dest="config_overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a size the checkpoint cannot say, VALUE read as JSON: an OisaConfig field (adapter_n_points=4, "
+        "adapter_interaction_indexes=[[0,5],[6,11]]) or a sub-config's (vision_config.num_attention_heads=16); "
+        "repeatable",
     )
     parts = commands.add_parser(
         "init-from-parts",
@@ -421,7 +453,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "tiny-random":
             write_tiny_random(args.output_dir, args.seed, args.preset)
         elif args.command == "convert":
-            convert_original(args.src, args.dst, args.audio_encoder_config, args.dtype)
+            convert_original(
+                args.src, args.dst, args.audio_encoder_config, args.dtype, parse_config_overrides(args.config_overrides)
+            )
         elif args.command == "init-from-parts":
             init_from_parts(args.internvl2, args.whisper, args.adapter, args.output_dir, args.seed)
         elif args.command == "make-synthetic":
