@@ -1,8 +1,9 @@
 """
 Parity with the original OISA code on its tiny reference checkpoint (fp32, CPU): the original-format folder
 `reference/tiny_original` is loaded through our conversion, and every recorded stage of the original's forward,
-inference and training paths is compared (reference/README.md §4). Tolerances: 1e-4 on hidden states, maps and
-embeddings, 1e-3 on mask logits and losses.
+inference and training paths is compared (reference/README.md §4). Tolerances are the measured maxima with a margin of
+about 5: 2e-5 on hidden states, maps, embeddings, LM and class logits and losses (measured up to 4.1e-6), 2e-4 on
+mask logits (measured up to 2.7e-5; their smallest magnitude in the golden run is 1.9e-4).
 """
 
 import json
@@ -12,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.nn import functional as F
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from modeling_oisa import OisaForReferringSegmentation
 from modeling_oisa.losses import point_mask_losses
@@ -21,8 +24,9 @@ from .conftest import SHARED
 
 
 TINY_ORIGINAL = Path(os.environ.get("OISA_REFERENCE_DIR", SHARED / "reference")) / "tiny_original"
-STATE_TOL = 1e-4
-MASK_TOL = 1e-3
+STATE_TOL = 2e-5
+MASK_TOL = 2e-4
+LOSS_TOL = 2e-5
 
 
 
@@ -183,7 +187,7 @@ def test_seg_hidden_state_is_the_state_before_seg(model, teacher_forced, golden,
 
 def test_mask_head_with_query_propagation(seg_frames, golden):
     assert_close(seg_frames.mask_logits, golden["maskhead_pred_masks"], MASK_TOL, "pred_masks")
-    assert_close(seg_frames.class_logits, golden["maskhead_pred_logits"], MASK_TOL, "pred_logits")
+    assert_close(seg_frames.class_logits, golden["maskhead_pred_logits"], STATE_TOL, "pred_logits")
     assert_close(seg_frames.mask_logits, golden["e2e_pred_masks"], MASK_TOL, "e2e pred_masks")
 
 
@@ -203,7 +207,7 @@ def test_every_prediction_head_call(seg_frames, golden, golden_json):
     class_logits = seg_frames.intermediate_class_logits.flatten(0, 2)
     mask_logits = seg_frames.intermediate_mask_logits.flatten(0, 2)
     assert_close(queries, golden["e2e_heads_query"], STATE_TOL, "queries")
-    assert_close(class_logits, golden["e2e_heads_class"], MASK_TOL, "class logits")
+    assert_close(class_logits, golden["e2e_heads_class"], STATE_TOL, "class logits")
     assert_close(mask_logits, golden["e2e_heads_mask"], MASK_TOL, "mask logits")
     # the attention mask each call hands to the next layer: sigmoid(resized mask logits) < 0.5 ("may not attend")
     blocked = [
@@ -244,7 +248,7 @@ def test_training_forward_outputs(training_output, golden):
     assert_close(output.last_hidden_state[0], golden["train_last_hidden_state"], STATE_TOL, "train hidden")
     assert_close(output.logits[0, -12:], golden["train_logits_answer_region"], STATE_TOL, "train logits")
     assert_close(output.mask_logits[0], golden["train_pred_masks"], MASK_TOL, "train pred masks")
-    assert_close(output.class_logits[0], golden["train_pred_class_logits"], MASK_TOL, "train class logits")
+    assert_close(output.class_logits[0], golden["train_pred_class_logits"], STATE_TOL, "train class logits")
 
 
 def test_training_losses_with_eval_mode_points(training_output, golden_json):
@@ -258,7 +262,7 @@ def test_training_losses_with_eval_mode_points(training_output, golden_json):
         (output.bce_loss, "Loss/dice"),
         (output.loss, "Loss/total"),
     ):
-        assert value.item() == pytest.approx(recorded[tag], abs=MASK_TOL), tag
+        assert value.item() == pytest.approx(recorded[tag], abs=LOSS_TOL), tag
 
 
 def test_training_mask_losses_at_the_recorded_points(training_output, golden, golden_json):
@@ -272,8 +276,8 @@ def test_training_mask_losses_at_the_recorded_points(training_output, golden, go
         point_coords=torch.from_numpy(golden["train_point_coords"]),
     )
     recorded = golden_json["train_loss_records_train_mode"]
-    assert losses["bce"].item() == pytest.approx(recorded["Loss/dice"], abs=MASK_TOL)
-    assert losses["dice"].item() == pytest.approx(recorded["Loss/mask"], abs=MASK_TOL)
+    assert losses["bce"].item() == pytest.approx(recorded["Loss/dice"], abs=LOSS_TOL)
+    assert losses["dice"].item() == pytest.approx(recorded["Loss/mask"], abs=LOSS_TOL)
 
 
 def test_full_inference_call_from_the_wav_files_and_frames(model, golden, golden_json):
@@ -281,7 +285,7 @@ def test_full_inference_call_from_the_wav_files_and_frames(model, golden, golden
     injected embeddings, same `[SEG]` state (the token before it, release profile), same mask logits and masks."""
     from transformers import AutoTokenizer
 
-    from processing_oisa import OisaExpression, OisaProcessor, upsample_masks
+    from processing_oisa import OisaExpression, OisaProcessor
     from processing_oisa.processing_oisa import make_feature_extractor, make_image_processor
 
     processor = OisaProcessor(make_image_processor(224), make_feature_extractor(),
@@ -306,6 +310,67 @@ def test_full_inference_call_from_the_wav_files_and_frames(model, golden, golden
         assert_close(seg_state, golden["e2e_seg_hidden_state"], STATE_TOL, "e2e_seg_hidden_state")
         decoded = model.segment_frames(seg_state, features.image_maps)
     assert_close(decoded.mask_logits, golden["e2e_pred_masks"], MASK_TOL, "e2e_pred_masks")
-    ours = upsample_masks(decoded.mask_logits[0, :3], (224, 224), "binarize_then_upsample")
-    theirs = upsample_masks(torch.from_numpy(golden["e2e_pred_masks"][0, :3]), (224, 224), "binarize_then_upsample")
-    assert torch.equal(ours, theirs)
+
+
+class ForcedAnswer(LogitsProcessor):
+    """Forces the answer ids one step at a time, as the reference harness's logits processor did (README §4.3)."""
+
+    def __init__(self, answer_ids: list[int]):
+        self.answer_ids = answer_ids
+        self.step = 0
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        forced = torch.full_like(scores, -float("inf"))
+        forced[:, self.answer_ids[self.step]] = 0.0
+        self.step += 1
+        return forced
+
+
+def test_segmenter_answer_path_on_the_forced_answer(model, golden, golden_json, tmp_path, monkeypatch):
+    """
+    (f) `OisaVideoSegmenter` itself, from a frame folder and the two wav files, with generation forced to the
+    reference's answer ids: the state it hands the mask head is the golden `[SEG]` state (the token before `[SEG]`,
+    release profile), and its masks, probabilities and presence scores come from the golden mask logits (masks
+    binarised, then upsampled: B15).
+    """
+    from transformers import AutoTokenizer
+
+    from processing_oisa import OisaExpression, OisaProcessor, OisaVideoSegmenter, VideoReader
+    from processing_oisa.processing_oisa import make_feature_extractor, make_image_processor
+
+    frames = golden["frames_uint8"]
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for index, frame in enumerate(frames[:3]):
+        Image.fromarray(frame).save(folder / f"{index}.png")
+    processor = OisaProcessor(make_image_processor(224), make_feature_extractor(),
+                              AutoTokenizer.from_pretrained(TINY_ORIGINAL), num_image_tokens=64)
+    # the reference's frame flags (dense, pooled, hidden); the release sampler would pick [2, 0, 1] for 3 frames
+    monkeypatch.setattr(processor, "frame_token_modes", lambda num_frames: [2, 1, 0])
+    answer_ids = golden_json["forced_answer_ids"]
+    generate = model.generate
+    forced = LogitsProcessorList([ForcedAnswer(answer_ids)])
+    monkeypatch.setattr(model, "generate", lambda **kwargs: generate(**kwargs, logits_processor=forced))
+    segmenter = OisaVideoSegmenter(model, processor, max_new_tokens=len(answer_ids))
+    seg_states = []
+    segment = segmenter._segment
+    monkeypatch.setattr(
+        segmenter, "_segment", lambda reader, states, *args: seg_states.append(states) or segment(reader, states, *args)
+    )
+    expression = OisaExpression(speech=TINY_ORIGINAL / "speech.wav", image=frames[3])
+    result = segmenter(VideoReader(folder), expression, soundtrack=TINY_ORIGINAL / "soundtrack.wav",
+                       return_probabilities=True)
+
+    # the reference decodes its response with special tokens skipped, as the segmenter does
+    assert result.has_seg and result.answer == golden_json["forced_response_text"]
+    assert len(seg_states) == 1
+    assert_close(seg_states[0], golden["e2e_seg_hidden_state"], STATE_TOL, "segmenter [SEG] state")
+    # the golden mask logits of the three frames (the fourth is the referring image, which the segmenter does not
+    # segment), upsampled here with F.interpolate rather than with the code under test
+    logits = torch.from_numpy(golden["e2e_pred_masks"][0, :3])[:, None]
+    binary_upsampled = F.interpolate((logits > 0).float(), size=(224, 224), mode="bilinear", align_corners=False)[:, 0]
+    assert np.array_equal(result.masks, (binary_upsampled > 0).numpy())
+    probabilities = F.interpolate(logits, size=(224, 224), mode="bilinear", align_corners=False)[:, 0].sigmoid()
+    assert_close(torch.from_numpy(result.probabilities), probabilities, MASK_TOL, "segmenter probabilities")
+    presence = torch.from_numpy(golden["e2e_pred_logits"][0, :3]).softmax(-1)[:, 0]
+    assert_close(torch.from_numpy(result.presence_scores), presence, STATE_TOL, "segmenter presence")

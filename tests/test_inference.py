@@ -124,6 +124,23 @@ def test_mask_upsampling_modes():
     assert released[0, 4:8, 4:8].all()
 
 
+def test_mask_upsampling_by_hand():
+    # 2x2 -> 4x4, bilinear with half-pixel centres: output row (or column) i reads source coordinate max(i/2 - 1/4, 0),
+    # so source cell 0 weighs 1, 3/4, 1/4, 0 on outputs 0..3. One positive cell (logit 1) among -3s:
+    # - binarise then upsample (B15): the 0/1 mask upsampled is positive wherever cell 0 has any weight: a 3x3 block;
+    # - upsample the logits: -3 + 4 * w_row * w_col > 0 only where w_row * w_col > 3/4, i.e. at (0, 0) alone.
+    logits = torch.tensor([[[1.0, -3.0], [-3.0, -3.0]]])
+    released = torch.zeros(1, 4, 4, dtype=torch.bool)
+    released[0, :3, :3] = True
+    fixed = torch.zeros(1, 4, 4, dtype=torch.bool)
+    fixed[0, 0, 0] = True
+    assert torch.equal(upsample_masks(logits, (4, 4), "binarize_then_upsample"), released)
+    assert torch.equal(upsample_masks(logits, (4, 4), "upsample_logits"), fixed)
+    # a logit of exactly 0 is background in both modes
+    assert not upsample_masks(torch.zeros(2, 2), (4, 4), "binarize_then_upsample").any()
+    assert not upsample_masks(torch.zeros(2, 2), (4, 4), "upsample_logits").any()
+
+
 def test_pipeline_task(checkpoint, clip_path):
     pipe = pipeline("referring-audio-visual-segmentation", model=str(checkpoint), dtype=torch.float32)
     output = pipe({"video": str(clip_path), "text": "the red circle"}, max_new_tokens=2)
