@@ -147,6 +147,29 @@ def test_pipeline_task(checkpoint, clip_path):
     assert output["masks"].shape == (11, 60, 84) and isinstance(output["answer"], str)
 
 
+def test_pipeline_equals_the_segmenter_on_a_multimodal_expression(seg_model, checkpoint, clip_path, tmp_path):
+    """Speech, sound, image and explain, with a soundtrack other than the video's own: the pipeline's result is the
+    segmenter's, field for field."""
+    import soundfile
+
+    soundtrack = tmp_path / "soundtrack.wav"
+    soundfile.write(soundtrack, tone(440, 2.2), 16000)
+    image = np.zeros((20, 20, 3), dtype=np.uint8)
+    image[5:15, 5:15] = (255, 0, 0)
+    inputs = {"speech": tone(300, 1.2), "sound": tone(660, 0.5), "image": image, "explain": True}
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    expected = OisaVideoSegmenter(seg_model, processor, chunk_size=4, max_new_tokens=4)(
+        clip_path, OisaExpression(**inputs), soundtrack=soundtrack)
+    pipe = pipeline("referring-audio-visual-segmentation", model=seg_model, processor=processor)
+    output = pipe({"video": str(clip_path), **inputs}, soundtrack=soundtrack, chunk_size=4, max_new_tokens=4)
+    assert expected.has_seg and expected.masks.any() and expected.expression_type == "speech_sound_image"
+    assert output["expression_type"] == expected.expression_type
+    assert (output["answer"], output["explanation"]) == (expected.answer, expected.explanation)
+    assert output["timestamps"] == expected.timestamps
+    np.testing.assert_array_equal(output["masks"], expected.masks)
+    np.testing.assert_allclose(output["presence_scores"], expected.presence_scores, rtol=0, atol=1e-6)
+
+
 def test_segment_command_writes_masks_overlay_sheet_and_result(seg_model, checkpoint, clip_path, tmp_path):
     seg_model.save_pretrained(tmp_path / "model")
     AutoProcessor.from_pretrained(checkpoint).save_pretrained(tmp_path / "model")
