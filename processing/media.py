@@ -10,8 +10,8 @@ from pathlib import Path
 
 import av
 import numpy as np
+import soxr
 from PIL import Image, UnidentifiedImageError
-from scipy.signal import resample_poly
 
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,8 @@ def _open_container(path: Path, what: str) -> av.container.InputContainer:
 def decode_audio(path: str | Path, sampling_rate: int = SAMPLING_RATE, what: str = "Audio file") -> np.ndarray:
     """
     The first audio stream of any file PyAV reads (wav, flac, mp3, ogg, mp4, mkv...) as float32 mono at
-    `sampling_rate`: channels are averaged, then resampled with a polyphase filter.
+    `sampling_rate`: channels are averaged, then resampled by [`resample_audio`], as the original's
+    `librosa.load(path, sr=16000)` does.
     """
     path = _require_file(path, what)
     container = _open_container(path, what)
@@ -66,10 +67,24 @@ def decode_audio(path: str | Path, sampling_rate: int = SAMPLING_RATE, what: str
     waveform = np.concatenate(chunks, axis=1).mean(axis=0)
     if waveform.size == 0:
         raise OisaInputError(f"{what} {path} has no audio samples.")
-    if source_rate != sampling_rate:
-        ratio = Fraction(sampling_rate, source_rate)
-        waveform = resample_poly(waveform, ratio.numerator, ratio.denominator)
-    return waveform.astype(np.float32)
+    return resample_audio(waveform, source_rate, sampling_rate)
+
+
+def resample_audio(waveform: np.ndarray, source_rate: int, target_rate: int = SAMPLING_RATE) -> np.ndarray:
+    """
+    A mono float32 waveform resampled as `librosa.resample(..., res_type="soxr_hq")` does, the resampler behind the
+    original's `librosa.load`: soxr at "HQ" quality on float32 samples, then cut or zero-padded to
+    `ceil(len * target_rate / source_rate)` samples.
+    """
+    # soxr filters in the precision of its input, and librosa hands it float32
+    waveform = np.asarray(waveform, dtype=np.float32)
+    if source_rate == target_rate:
+        return waveform
+    resampled = soxr.resample(waveform, source_rate, target_rate, quality="HQ")
+    length = math.ceil(waveform.size * (target_rate / source_rate))
+    if resampled.size < length:
+        return np.pad(resampled, (0, length - resampled.size))
+    return resampled[:length]
 
 
 def load_image(path: str | Path, what: str = "Image") -> Image.Image:
