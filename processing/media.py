@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 
 SAMPLING_RATE = 16000
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+AUDIO_LAYOUTS = {1: "mono", 2: "stereo"}  # channels of a waveform `write_video` encodes
 
 
 class OisaInputError(ValueError):
@@ -211,28 +212,34 @@ def write_video(
     codec: str = "libx264",
     audio_codec: str = "aac",
 ) -> None:
-    """Encodes frames (T, H, W, 3) uint8 and an optional mono waveform into a video file (mp4, mkv, webm, avi...)."""
+    """
+    Encodes frames (T, H, W, 3) uint8 and an optional waveform, (samples,) or (channels, samples) with one or two
+    channels, into a video file (mp4, mkv, webm, avi...).
+    """
+    samples = None if audio is None else np.atleast_2d(np.asarray(audio, dtype=np.float32))
+    if samples is not None and (samples.ndim != 2 or samples.shape[0] not in AUDIO_LAYOUTS):
+        raise ValueError(f"`audio` must be (samples,) or (channels, samples), 1 or 2 channels; got {np.shape(audio)}.")
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
         stream.height, stream.width = frames.shape[1], frames.shape[2]
         stream.pix_fmt = "yuv420p"
         audio_stream = None
-        if audio is not None:
+        if samples is not None:
+            layout = AUDIO_LAYOUTS[samples.shape[0]]
             audio_stream = container.add_stream(audio_codec, rate=sampling_rate)
-            audio_stream.layout = "mono"
+            audio_stream.layout = layout
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
         if audio_stream is not None:
-            samples = np.asarray(audio, dtype=np.float32)[None]
-            audio_frame = av.AudioFrame.from_ndarray(samples, format="flt", layout="mono")
+            audio_frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples), format="fltp", layout=layout)
             audio_frame.sample_rate = sampling_rate
             # each encoder takes its own sample format and frame size
             converter = av.AudioResampler(
                 format=audio_stream.codec_context.format.name,
-                layout="mono",
+                layout=layout,
                 rate=sampling_rate,
                 frame_size=audio_stream.codec_context.frame_size or None,
             )
