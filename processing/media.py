@@ -1,4 +1,4 @@
-"""Decoding of videos, frame folders, images and audio with PyAV, PIL and soundfile; nothing else is needed."""
+"""Decoding of videos, frame folders, images and audio with PyAV and PIL, audio resampled to 16 kHz with soxr."""
 
 import logging
 import math
