@@ -1,5 +1,7 @@
 """The OmniAVS and Ref-AVS metric protocols on hand-computed cases."""
 
+import math
+import os
 import sys
 
 import numpy as np
@@ -95,6 +97,124 @@ def test_boundary_f_offsets_within_and_beyond_tolerance():
     assert 0 < boundary_f_measure(mixed, gt) < 1
 
 
+def test_boundary_map_last_row_last_column_and_corner():
+    # Only the bottom-right pixel set: (1, 1) differs from its bottom-right neighbour, (1, 2) (last column) from the
+    # pixel below, (2, 1) (last row) from the pixel to its right; the corner itself is never boundary.
+    corner = np.zeros((3, 3), dtype=bool)
+    corner[2, 2] = True
+    assert np.argwhere(boundary_map(corner)).tolist() == [[1, 1], [1, 2], [2, 1]]
+    # The last row filled: row 1 differs from the row below (its last column too); the last row looks only right.
+    last_row = np.zeros((3, 4), dtype=bool)
+    last_row[2] = True
+    assert np.argwhere(boundary_map(last_row)).tolist() == [[1, 0], [1, 1], [1, 2], [1, 3]]
+    # The last column filled: column 2 differs from the column to its right; the last column looks only down.
+    last_column = np.zeros((4, 3), dtype=bool)
+    last_column[:, 2] = True
+    assert np.argwhere(boundary_map(last_column)).tolist() == [[0, 1], [1, 1], [2, 1], [3, 1]]
+    # A pixel in the last row (not the corner) is boundary when its right neighbour differs, whatever is above it.
+    single = np.zeros((3, 4), dtype=bool)
+    single[2, 1] = True
+    assert np.argwhere(boundary_map(single)).tolist() == [[1, 0], [1, 1], [2, 0], [2, 1]]
+
+
+def davis_f_measure(pred: np.ndarray, gt: np.ndarray, bound_th: float) -> float:
+    """
+    The DAVIS boundary F of one frame, written out from the definition (spec/data_train_eval.md §5.4) and sharing no
+    code with the module: `_seg2bmap` pixel by pixel, a tolerance of `bound_th` pixels or ceil(bound_th * diagonal),
+    and the disk dilation as "some boundary pixel of the other map lies within that Euclidean distance".
+    """
+
+    def seg2bmap(seg):
+        height, width = seg.shape
+        bmap = np.zeros((height, width), dtype=bool)
+        for y in range(height):
+            for x in range(width):
+                if y == height - 1 and x == width - 1:
+                    continue
+                if y == height - 1:
+                    bmap[y, x] = seg[y, x] != seg[y, x + 1]
+                elif x == width - 1:
+                    bmap[y, x] = seg[y, x] != seg[y + 1, x]
+                else:
+                    neighbours = (seg[y, x + 1], seg[y + 1, x], seg[y + 1, x + 1])
+                    bmap[y, x] = any(seg[y, x] != neighbour for neighbour in neighbours)
+        return bmap
+
+    def fraction_near(points, others, radius):
+        if not len(others):
+            return 0.0
+        squared = ((points[:, None, :] - others[None, :, :]) ** 2).sum(-1)
+        return float((squared.min(1) <= radius * radius).mean())
+
+    height, width = gt.shape
+    radius = int(bound_th) if bound_th >= 1 else math.ceil(bound_th * math.sqrt(height * height + width * width))
+    pred_points, gt_points = np.argwhere(seg2bmap(pred > 0)), np.argwhere(seg2bmap(gt > 0))
+    if not len(pred_points) and not len(gt_points):
+        precision, recall = 1.0, 1.0
+    elif not len(pred_points):
+        precision, recall = 1.0, 0.0
+    elif not len(gt_points):
+        precision, recall = 0.0, 1.0
+    else:
+        precision = fraction_near(pred_points, gt_points, radius)
+        recall = fraction_near(gt_points, pred_points, radius)
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
+def random_mask(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    """Noise, rectangles that often reach the last row or column, discs, a border line or corner, empty or full."""
+    height, width = shape
+    kind = rng.integers(7)
+    mask = np.zeros(shape, dtype=bool)
+    if kind == 0:
+        mask = rng.random(shape) < rng.uniform(0.05, 0.6)
+    elif kind == 1:
+        for _ in range(rng.integers(1, 4)):
+            top, left = rng.integers(height), rng.integers(width)
+            bottom = height if rng.random() < 0.5 else rng.integers(top, height) + 1
+            right = width if rng.random() < 0.5 else rng.integers(left, width) + 1
+            mask[top:bottom, left:right] = True
+    elif kind == 2:
+        rows, columns = np.mgrid[:height, :width]
+        for _ in range(rng.integers(1, 3)):
+            centre_y, centre_x = rng.uniform(0, height), rng.uniform(0, width)
+            mask |= (rows - centre_y) ** 2 + (columns - centre_x) ** 2 <= rng.uniform(1, max(height, width)) ** 2
+    elif kind == 3:
+        line = rng.integers(4)
+        if line == 0:
+            mask[-1, rng.integers(width) :] = True
+        elif line == 1:
+            mask[rng.integers(height) :, -1] = True
+        elif line == 2:
+            mask[-1, -1] = True
+        else:
+            mask[-rng.integers(1, height + 1) :, -rng.integers(1, width + 1) :] = True
+    elif kind == 4:
+        mask = ~random_mask(rng, shape)
+    elif kind == 5:
+        mask[:] = True
+    return mask
+
+
+def test_boundary_f_equals_an_independent_davis_f_on_random_masks():
+    rng = np.random.default_rng(2024)
+    for _ in range(400):
+        shape = (int(rng.integers(2, 24)), int(rng.integers(2, 30)))
+        # tolerances of 1 to 4 pixels: 0.008 of the diagonal, larger fractions, and whole pixels
+        bound_th = float(rng.choice([0.008, 0.05, 0.1, 2.0, 3.0]))
+        pred = random_mask(rng, shape)
+        choice = rng.random()
+        if choice < 0.1:
+            gt = pred.copy()
+        elif choice < 0.6:  # a near miss: shifted by up to 3 pixels (wrapping round), some pixels flipped
+            gt = np.roll(pred, (int(rng.integers(-3, 4)), int(rng.integers(-3, 4))), axis=(0, 1))
+            gt ^= rng.random(shape) < 0.03
+        else:
+            gt = random_mask(rng, shape)
+        expected = davis_f_measure(pred, gt, bound_th)
+        assert boundary_f_measure(pred, gt, bound_th) == pytest.approx(expected, abs=1e-12), (pred, gt, bound_th)
+
+
 def test_boundary_f_edge_cases():
     empty = np.zeros((10, 10), dtype=bool)
     full = np.ones((10, 10), dtype=bool)
@@ -188,6 +308,58 @@ def test_explanation_aggregation_with_a_missing_meteor(monkeypatch):
     assert result["splits"]["text"] == {"num_explanations": 2, "bleu": 0.5, "meteor": None}
     assert result["splits"]["speech"]["bleu"] == 0.0
     assert result["unavailable"] == {"meteor": "no WordNet"} and result["meteor_text_speech"] is None
+
+
+def missing(reason: str) -> None:
+    """CI installs the `meteor` extra and WordNet (.ci/run): there a missing one fails; elsewhere the test skips."""
+    if os.environ.get("CI"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+def test_bleu_with_nltk_on_hand_computed_cases():
+    """
+    Real nltk BLEU-4 with method-4 smoothing (the `meteor` extra). "the cat sat on a mat" against "the cat sat on the
+    mat today": clipped n-gram precisions 5/6, 3/5, 2/4, 1/3 (none zero, so no smoothing) and a brevity penalty of
+    exp(1 - 7/6): BLEU = exp(-1/6) * (1/12)^(1/4). An identical sentence scores 1.
+    """
+    if isinstance(metrics_omniavs.explanation_scorers()["bleu"], str):
+        missing(metrics_omniavs.explanation_scorers()["bleu"])
+    metric = OmniAVSExplanationMetric()
+    metric.add_batch(
+        expression_id=["a", "b"],
+        split=["text", "text"],
+        prediction=["the cat sat on a mat", "a dog barks at the red car"],
+        reference=["the cat sat on the mat today", "a dog barks at the red car"],
+    )
+    result = metric.compute(tokenization="whitespace")
+    expected = math.exp(-1 / 6) * (1 / 12) ** 0.25
+    assert result["splits"]["text"]["bleu"] == pytest.approx((expected + 1.0) / 2, abs=1e-12)
+    assert "bleu" not in result["unavailable"] and result["bleu_n"] == 4
+
+
+def test_meteor_with_nltk_and_wordnet_on_hand_computed_cases():
+    """
+    Real nltk METEOR (alpha 0.9, beta 3, gamma 0.5) with WordNet 3.0 (.ci/install_wordnet.py). "the dog barks" against
+    "the hound barks": all 3 words match ("dog" and "hound" through a WordNet synset) in one chunk, so P = R = 1 and the
+    score is 1 - 0.5 * (1/3)^3 = 53/54; without WordNet it would be 1/3. "the cat barks" against "the dog barks": 2
+    matches in 2 chunks, P = R = 2/3, so (2/3) * (1 - 0.5) = 1/3. The summary is the mean of the text and speech splits.
+    """
+    scorers = metrics_omniavs.explanation_scorers()
+    if isinstance(scorers["meteor"], str):
+        missing(f"{scorers['meteor']}; `python .ci/install_wordnet.py` installs it")
+    metric = OmniAVSExplanationMetric()
+    metric.add_batch(
+        expression_id=["a", "b"],
+        split=["text", "speech"],
+        prediction=["the dog barks", "the cat barks"],
+        reference=["the hound barks", "the dog barks"],
+    )
+    result = metric.compute(tokenization="whitespace")
+    assert result["splits"]["text"]["meteor"] == pytest.approx(53 / 54, abs=1e-12)
+    assert result["splits"]["speech"]["meteor"] == pytest.approx(1 / 3, abs=1e-12)
+    assert result["meteor_text_speech"] == pytest.approx((53 / 54 + 1 / 3) / 2, abs=1e-12)
+    assert result["unavailable"] == {}
 
 
 # ---------------------------------------------------------------- Ref-AVS
