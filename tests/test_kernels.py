@@ -301,9 +301,9 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not ava
 
 @pytest.fixture
 def cuda_backend(monkeypatch):
+    """Forces the CUDA kernels: where CUDA is available, a build failure (a broken .cu) fails the test, not a skip."""
     monkeypatch.setenv(backend.ENV_VAR, "cuda")
-    if not oisa_kernels.load_extension("cuda"):
-        pytest.skip(f"the CUDA kernels did not build: {backend.load_failure('cuda')}")
+    assert oisa_kernels.load_extension("cuda"), f"the CUDA kernels did not build: {backend.load_failure('cuda')}"
 
 
 @cuda
