@@ -178,7 +178,8 @@ class SampleBuilder:
     """
     Turns the (source, index) items of a stream into training samples in the DataLoader workers. A record that cannot
     be built (missing or corrupt media, bad annotation) is logged and counted in `num_bad_samples`, and the batch
-    goes on without it (a batch of only bad records holds nothing else).
+    goes on without it (a batch of only bad records holds nothing else). `sample_keys` names every item drawn,
+    `source:index`.
     """
 
     def __init__(self, sources: Sequence[MixtureSource], collator: OisaTrainingCollator):
@@ -197,6 +198,7 @@ class SampleBuilder:
                 logger.warning("skipped %s record %d: %s", item["source"], item["index"], error)
         batch = self.collator(samples) if samples else {}
         batch["num_bad_samples"] = torch.tensor(len(items) - len(samples))
+        batch["sample_keys"] = [f"{item['source']}:{item['index']}" for item in items]
         return batch
 
 

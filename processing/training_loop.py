@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 from peft import PeftModel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -236,9 +236,12 @@ def train(
     # the losses of the optimizer steps since the last log line, which reports their means
     window: dict[str, list[torch.Tensor]] = {name: [] for name in LOGGED_LOSSES}
     failed_in_a_row, last_batch = 0, None
+    # the `source:index` keys this process drew since the last log line
+    drawn: list[str] = []
     for batch in batches:
         samples_seen += config.per_device_batch_size
         bad_samples += int(batch.pop("num_bad_samples"))
+        drawn.extend(batch.pop("sample_keys"))
         usable = "input_ids" in batch
         failed_in_a_row = 0 if usable else failed_in_a_row + 1
         if failed_in_a_row >= 50:
@@ -283,7 +286,10 @@ def train(
             if torch.cuda.is_available():
                 logs["memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
             accelerator.log(logs, step=step)
-            loss_history.append({"step": step, **{k: v for k, v in logs.items() if k.startswith("loss/")}})
+            losses = {key: value for key, value in logs.items() if key.startswith("loss/")}
+            # every process's drawn samples, in process order, so that the data each step saw can be checked
+            loss_history.append({"step": step, **losses, "samples_per_process": gather_object([drawn])})
+            drawn = []
             progress.set_postfix(loss=f"{logs['loss/loss']:.4f}")
             logger.info("step %d: %s", step, ", ".join(f"{key} {value:.4g}" for key, value in logs.items()))
             started, samples_since_log = time.perf_counter(), 0
