@@ -4,9 +4,11 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -49,8 +51,8 @@ def run_eval(*args: str) -> None:
         torch.set_num_threads(threads)
 
 
-def run_eval_two_processes(*args: str) -> None:
-    """Two processes through `accelerate launch` on CPU (torchrun + gloo; see eval.py's docstring)."""
+def two_process_command(*args: str) -> tuple[list[str], dict]:
+    """The command and environment of two processes through `accelerate launch` on CPU (torchrun + gloo)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -59,7 +61,12 @@ def run_eval_two_processes(*args: str) -> None:
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
         str(EVAL_SCRIPT), *map(str, args), *FAST,
     ]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return command, {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def run_eval_two_processes(*args: str) -> None:
+    """Two processes through `accelerate launch` on CPU (see eval.py's docstring)."""
+    command, env = two_process_command(*args)
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
 
@@ -132,6 +139,39 @@ def test_interrupted_run_resumes_to_the_same_numbers(tmp_path, model_dir, omniav
     results.write_bytes(done + b'{"key": "test/video0001_3", "index": 13, "sta')
     run_eval(*common)
     assert results.read_bytes().startswith(done)  # the 7 done expressions were not evaluated again
+    keys = [line["key"] for line in result_lines(tmp_path)]
+    assert len(keys) == len(set(keys)) == 20
+    assert metrics(tmp_path) == metrics(omniavs_run)
+
+
+def test_a_killed_two_process_run_resumes_to_the_same_numbers(tmp_path, model_dir, omniavs_root, omniavs_run):
+    common = ["--model", model_dir, "--dataset", "omniavs", "--data-root", omniavs_root, "--out", tmp_path]
+    command, env = two_process_command(*common)
+    # its own session, so that SIGKILL reaches the launcher and both workers at once, as a killed job's would
+    launched = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    deadline = time.monotonic() + 240
+
+    def finished_lines() -> int:
+        return sum(path.read_bytes().count(b"\n") for path in tmp_path.glob("results-*.jsonl"))
+
+    try:
+        while finished_lines() < 3:
+            assert launched.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        os.killpg(launched.pid, signal.SIGKILL)
+        launched.wait()
+    assert not (tmp_path / "metrics.json").exists()
+    done = {path.name: path.read_bytes() for path in tmp_path.glob("results-*.jsonl")}
+    assert 3 <= finished_lines() < 20
+
+    run_eval_two_processes(*common)
+    for name, data in done.items():
+        # what was written before the kill was kept, not evaluated again (a cut last line is dropped)
+        kept = data[: data.rfind(b"\n") + 1]
+        assert (tmp_path / name).read_bytes().startswith(kept)
     keys = [line["key"] for line in result_lines(tmp_path)]
     assert len(keys) == len(set(keys)) == 20
     assert metrics(tmp_path) == metrics(omniavs_run)
