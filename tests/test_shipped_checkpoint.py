@@ -1,4 +1,7 @@
-"""OISA-tiny-synthetic as shipped: its files, and its targets on held-out clips of a seed the recipe never used."""
+"""
+OISA-tiny-synthetic as shipped: its files, its targets on held-out clips used for nothing else, a regression check on
+the clips it was selected on, and the demo.
+"""
 
 import json
 import os
@@ -10,6 +13,7 @@ import pytest
 
 from modeling_oisa import tiny_synthetic_path
 from processing_oisa.cli import main as oisa_main
+from processing_oisa.metrics_omniavs import OmniAVSMetric
 from processing_oisa.prompts import EXPRESSION_TYPES, NULL_ANSWER
 
 
@@ -37,27 +41,57 @@ def test_the_shipped_folder_holds_weights_configs_processor_and_card(shipped):
     assert (shipped / "model.safetensors").stat().st_size <= 25 * 2**20
 
 
-def test_the_shipped_model_meets_its_targets_on_fresh_held_out_clips(shipped, tmp_path):
-    # 40 clips of seed 31 (the recipe's held-out clips are of seed 2026, its training clips of seeds 11, 17 and 23);
-    # seed 31 was one of the five held-out sets on which the recipe's polishing parts were compared (README)
-    data = tmp_path / "held-out"
-    held_out = ["--format", "omniavs", "--videos", "40", "--seed", "31", "--split", "test"]
+def evaluate_held_out(seed: int, workspace: Path) -> list[dict]:
+    """The per-expression results of the shipped model on 40 held-out clips of `seed`, on one thread as measured."""
+    data, out = workspace / f"held-out-{seed}", workspace / f"eval-{seed}"
+    held_out = ["--format", "omniavs", "--videos", "40", "--seed", str(seed), "--split", "test"]
     assert oisa_main(["make-synthetic", str(data), *held_out]) == 0
-    out = tmp_path / "eval"
     command = [sys.executable, str(REPO / "eval.py"), "--model", "oisa-tiny-synthetic", "--dataset", "omniavs"]
-    # on one thread, as the recipe measured it
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     subprocess.run([*command, "--data-root", str(data), "--out", str(out)], check=True, timeout=1200, env=environment)
+    results = [json.loads(line) for path in out.glob("results-*.jsonl") for line in path.read_text().splitlines()]
+    assert len(results) == 400 and not any(result.get("error") for result in results)
+    return [{**result, "key": f"seed{seed}/{result['key']}"} for result in results]
 
-    segmentation = json.loads((out / "metrics.json").read_text())["segmentation"]
+
+def segmentation_scores(results: list[dict]) -> dict:
+    return OmniAVSMetric(keep_in_memory=True).compute(
+        expression_id=[result["key"] for result in results],
+        split=[result["expr_type"] for result in results],
+        j=[result["j"] for result in results],
+        f=[result["f"] for result in results],
+    )
+
+
+def null_answers(results: list[dict]) -> list[bool]:
+    return [result["answer"].startswith(NULL_ANSWER) for result in results if result["is_null"]]
+
+
+def test_the_shipped_model_meets_its_targets_on_held_out_clips_used_for_nothing_else(shipped, tmp_path):
+    # the recipe trained on clips of seeds 11, 17 and 23 and checked itself on seed 2026; candidate models were
+    # compared on seeds 7, 31, 53, 97, 101 and 211; seeds 5, 13 and 89 were made after the model was installed and
+    # have served nothing but this measure (README, OISA-tiny-synthetic): 120 clips, 1200 expressions pooled
+    results = [result for seed in (5, 13, 89) for result in evaluate_held_out(seed, tmp_path)]
+    segmentation = segmentation_scores(results)
     assert set(segmentation["splits"]) == set(EXPRESSION_TYPES)
     assert segmentation["J&F"] >= 0.8
     for expression_type, scores in segmentation["splits"].items():
         assert scores["J&F"] >= 0.8, expression_type
-    results = [json.loads(line) for path in out.glob("results-*.jsonl") for line in path.read_text().splitlines()]
-    null_answers = [result["answer"].startswith(NULL_ANSWER) for result in results if result["is_null"]]
-    assert len(null_answers) == 120
-    assert sum(null_answers) >= 0.9 * len(null_answers)
+    nulls = null_answers(results)
+    assert len(nulls) == 360
+    assert sum(nulls) >= 0.9 * len(nulls)
+
+
+def test_regression_on_a_selection_seed(shipped, tmp_path):
+    """
+    Not a held-out measure: seed 31 was one of the sets the shipped model was chosen on. Its numbers as installed
+    (J&F 0.939, speech 0.828, 115 of 120 nulls answered null) must not move by more than a few expressions' worth.
+    """
+    results = evaluate_held_out(31, tmp_path)
+    segmentation = segmentation_scores(results)
+    assert segmentation["J&F"] == pytest.approx(0.939, abs=0.005)
+    assert segmentation["splits"]["speech"]["J&F"] == pytest.approx(0.828, abs=0.02)
+    assert 112 <= sum(null_answers(results)) <= 118
 
 
 def test_the_demo_finds_its_targets_with_the_shipped_model(shipped, tmp_path):
