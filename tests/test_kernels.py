@@ -243,6 +243,17 @@ def test_source_checkout_does_not_shadow_the_kernels_package():
     assert found == "None" or not Path(found).resolve().is_relative_to(root / "kernels"), found
 
 
+def test_build_cache_is_keyed_by_the_sources_folder(monkeypatch, tmp_path):
+    """Two checkouts on one machine build into their own folders, so neither rebuilds over the other's library."""
+    monkeypatch.setenv("OISA_KERNELS_CACHE", str(tmp_path))
+    here = backend.build_directory("cpu")
+    assert here.parent == tmp_path and backend.build_directory("cpu") == here
+    monkeypatch.setattr(backend, "_CSRC", tmp_path / "other-checkout" / "csrc")
+    elsewhere = backend.build_directory("cpu")
+    assert elsewhere.parent == tmp_path and elsewhere != here
+    assert backend.build_directory("cuda") not in (here, elsewhere)
+
+
 def test_backend_environment_variable(monkeypatch):
     shapes = [(4, 4)]
     value, locations, weights = make_inputs(1, 3, 2, shapes, 2, 4)

@@ -2,7 +2,7 @@
 Building, loading and choosing the multi-scale deformable attention backend.
 
 The compiled kernels are built on first use with `torch.utils.cpp_extension.load` (JIT, local compiler, no network)
-into `<cache>/<torch>-py<version>-<cpu-<host>|cuda>`, where `<cache>` is `$OISA_KERNELS_CACHE` or
+into `<cache>/<torch>-py<version>-<cpu-<host>|cuda>-src<sources' folder>`, where `<cache>` is `$OISA_KERNELS_CACHE` or
 `${XDG_CACHE_HOME:-~/.cache}/oisa_kernels`; later processes reuse the build. The environment variable
 `OISA_MSDA_BACKEND` (`auto`, `torch`, `cpu` or `cuda`) picks the path: `auto` (the default) uses the compiled kernels of
 the tensors' device when they build and otherwise the PyTorch reference, with one logged warning; a forced backend
@@ -48,6 +48,8 @@ def build_directory(kind: str) -> Path:
     """
     Where the `kind` ('cpu' or 'cuda') library is built. Binaries depend on the torch and Python versions, and the CPU
     one on the host's instruction set, since it is tuned for it (a shared home directory may serve other machines).
+    The sources' folder is part of the key too: two installs or checkouts on one machine would otherwise rebuild over
+    each other's library whenever their sources differ.
     """
     root = os.environ.get("OISA_KERNELS_CACHE")
     if root is None:
@@ -55,6 +57,7 @@ def build_directory(kind: str) -> Path:
     version = f"{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}-{kind}"
     if kind == "cpu":
         version += f"-{_host_tag()}"
+    version += "-src" + hashlib.sha1(str(_CSRC).encode()).hexdigest()[:8]
     return Path(root) / version
 
 
