@@ -45,6 +45,13 @@ def workspace(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def four_steps(workspace):
+    """One uninterrupted 4-step run, shared by the tests that only read what it logged and saved."""
+    output = workspace / "four-steps"
+    return run_train(workspace, output, "--max-steps", "4"), output
+
+
 def run_train(workspace, output, *extra, processes=1, batch=None, background=False, **settings):
     config = workspace / "stage.json"
     if batch is not None:
@@ -101,11 +108,15 @@ def test_lora_touches_only_the_language_model(workspace):
     assert not frozen
 
 
-def test_a_stage_sets_the_loss_weights_it_trains_with(workspace, tmp_path):
+def test_a_stage_sets_the_loss_weights_it_trains_with_and_merges(workspace, tmp_path):
     state = run_train(workspace, tmp_path / "run", "--max-steps", "1", "--merge", loss_weights={"lm_loss_weight": 0.25})
     assert len(state["log_history"]) == 1
     saved = json.loads((tmp_path / "run" / "final-merged" / "config.json").read_text())
     assert saved["lm_loss_weight"] == 0.25 and saved["dice_loss_weight"] == 2.0
+    # --merge saves a plain OISA, the LoRA folded in
+    merged = AutoModel.from_pretrained(tmp_path / "run" / "final-merged", dtype=torch.float32)
+    assert isinstance(merged, OisaForReferringSegmentation)
+    assert not any("lora" in name for name in merged.state_dict())
     with pytest.raises(AssertionError, match="is not one of"):
         run_train(workspace, tmp_path / "bad", "--max-steps", "1", loss_weights={"mask_loss_weight": 1.0})
 
@@ -131,17 +142,14 @@ def test_merge_gives_the_unmerged_outputs(workspace):
         assert (untouched(input_ids=ids).logits - after).abs().max() > 1e-3  # the LoRA did change the model
 
 
-def test_training_lowers_the_loss_and_merges(workspace, tmp_path):
-    state = run_train(workspace, tmp_path / "run", "--max-steps", "6", "--merge")
+def test_training_lowers_the_loss(four_steps):
+    state, _ = four_steps
     losses = [entry["loss/loss"] for entry in state["log_history"]]
-    assert len(losses) == 6 and losses[-1] < losses[0]
-    merged = AutoModel.from_pretrained(tmp_path / "run" / "final-merged", dtype=torch.float32)
-    assert isinstance(merged, OisaForReferringSegmentation)
-    assert not any("lora" in name for name in merged.state_dict())
+    assert len(losses) == 4 and losses[-1] < losses[0]
 
 
-def test_killed_run_resumes_to_the_same_weights(workspace, tmp_path):
-    whole = run_train(workspace, tmp_path / "whole", "--max-steps", "4")
+def test_killed_run_resumes_to_the_same_weights(workspace, four_steps, tmp_path):
+    whole, whole_output = four_steps
     interrupted = run_train(workspace, tmp_path / "cut", "--max-steps", "4", background=True)
     deadline = time.time() + 500
     while not (tmp_path / "cut" / "checkpoint-2").exists():
@@ -158,7 +166,7 @@ def test_killed_run_resumes_to_the_same_weights(workspace, tmp_path):
         assert after["samples_per_process"] == before["samples_per_process"]
         for name in LOSS_NAMES:
             assert after[name] == pytest.approx(before[name], rel=1e-6, abs=1e-7), name
-    whole_state = _final_state(tmp_path / "whole")
+    whole_state = _final_state(whole_output)
     resumed_state = _final_state(tmp_path / "cut")
     assert whole_state.keys() == resumed_state.keys()
     for key in whole_state:
