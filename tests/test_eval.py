@@ -108,6 +108,7 @@ def omniavs_run(tmp_path_factory, model_dir, omniavs_root) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_omniavs_one_and_two_processes_agree(tmp_path, model_dir, omniavs_root, omniavs_run):
     single = metrics(omniavs_run)
     assert single["num_expressions"] == 20 and single["num_scored"] == 20 and single["num_errors"] == 0
@@ -144,6 +145,7 @@ def test_interrupted_run_resumes_to_the_same_numbers(tmp_path, model_dir, omniav
     assert metrics(tmp_path) == metrics(omniavs_run)
 
 
+@pytest.mark.slow
 def test_a_killed_two_process_run_resumes_to_the_same_numbers(tmp_path, model_dir, omniavs_root, omniavs_run):
     common = ["--model", model_dir, "--dataset", "omniavs", "--data-root", omniavs_root, "--out", tmp_path]
     command, env = two_process_command(*common)
@@ -207,6 +209,7 @@ def test_failures_are_recorded_and_counted(tmp_path, model_dir, omniavs_root):
     assert "1 failed" in (tmp_path / "out" / "results.md").read_text()
 
 
+@pytest.mark.slow
 def test_refavs_one_and_two_processes_agree(tmp_path, model_dir):
     data = tmp_path / "data"
     make_synthetic_dataset(data, "refavs", num_videos=2, seed=0, **SMALL)

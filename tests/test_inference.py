@@ -147,6 +147,7 @@ def test_pipeline_task(checkpoint, clip_path):
     assert output["masks"].shape == (11, 60, 84) and isinstance(output["answer"], str)
 
 
+@pytest.mark.slow
 def test_pipeline_equals_the_segmenter_on_a_multimodal_expression(seg_model, checkpoint, clip_path, tmp_path):
     """Speech, sound, image and explain, with a soundtrack other than the video's own: the pipeline's result is the
     segmenter's, field for field."""

@@ -42,6 +42,7 @@ def test_mask_outputs_have_the_frames_of_their_sample(tiny_model):
     assert output.class_logits[0].shape == (4, 2)
 
 
+@pytest.mark.slow
 def test_mixed_batch_keeps_frames_and_masks_aligned(tiny_model):
     """B7: a batch of samples with different frame counts and a referring image pairs each [SEG] with its own frames."""
     first, second = make_sample(num_frames=3, seed=1), make_sample(num_frames=5, with_referring_image=False, seed=2)

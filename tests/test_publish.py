@@ -322,6 +322,7 @@ def test_eval_writes_a_card_with_its_results(tmp_path, checkpoint):
     assert "Hardware: 1 process(es), each on CPU" in card.text and "Date: 2" in card.text
 
 
+@pytest.mark.slow
 def test_train_push_to_hub_publishes_the_merged_model(tmp_path, checkpoint):
     from processing_oisa.training_loop import StageConfig, train
 

@@ -67,6 +67,7 @@ def null_answers(results: list[dict]) -> list[bool]:
     return [result["answer"].startswith(NULL_ANSWER) for result in results if result["is_null"]]
 
 
+@pytest.mark.slow
 def test_the_shipped_model_meets_its_targets_on_held_out_clips_used_for_nothing_else(shipped, tmp_path):
     # the recipe trained on clips of seeds 11, 17 and 23 and checked itself on seed 2026; candidate models were
     # compared on seeds 7, 31, 53, 97, 101 and 211; seeds 5, 13 and 89 were made after the model was installed and
@@ -82,6 +83,7 @@ def test_the_shipped_model_meets_its_targets_on_held_out_clips_used_for_nothing_
     assert sum(nulls) >= 0.9 * len(nulls)
 
 
+@pytest.mark.slow
 def test_regression_on_a_selection_seed(shipped, tmp_path):
     """
     Not a held-out measure: seed 31 was one of the sets the shipped model was chosen on. Its numbers as installed
@@ -94,6 +96,7 @@ def test_regression_on_a_selection_seed(shipped, tmp_path):
     assert 112 <= sum(null_answers(results)) <= 118
 
 
+@pytest.mark.slow
 def test_the_demo_finds_its_targets_with_the_shipped_model(shipped, tmp_path):
     out = tmp_path / "demo"
     assert oisa_main(["demo", "--out", str(out)]) == 0

@@ -76,6 +76,7 @@ def test_synthetic_preset(synthetic_preset):
     assert projection.abs().max() > 8 / projection.shape[1] ** 0.5
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng speaks the demo's spoken expression")
 def test_demo_writes_its_pictures_videos_and_scores(shipped, tmp_path):
     out = tmp_path / "demo"

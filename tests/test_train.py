@@ -108,6 +108,7 @@ def test_lora_touches_only_the_language_model(workspace):
     assert not frozen
 
 
+@pytest.mark.slow
 def test_a_stage_sets_the_loss_weights_it_trains_with_and_merges(workspace, tmp_path):
     state = run_train(workspace, tmp_path / "run", "--max-steps", "1", "--merge", loss_weights={"lm_loss_weight": 0.25})
     assert len(state["log_history"]) == 1
@@ -142,12 +143,14 @@ def test_merge_gives_the_unmerged_outputs(workspace):
         assert (untouched(input_ids=ids).logits - after).abs().max() > 1e-3  # the LoRA did change the model
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss(four_steps):
     state, _ = four_steps
     losses = [entry["loss/loss"] for entry in state["log_history"]]
     assert len(losses) == 4 and losses[-1] < losses[0]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(workspace, four_steps, tmp_path):
     whole, whole_output = four_steps
     interrupted = run_train(workspace, tmp_path / "cut", "--max-steps", "4", background=True)
@@ -181,6 +184,7 @@ def _final_state(output):
     return state
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_with_the_doubled_batch(workspace, tmp_path):
     # every sample positive with the same answer: each process's mean loss then weighs its sample as the single
     # process weighs it (with a null sample on one process and none on the other, DDP, like the original's DeepSpeed,
@@ -219,6 +223,7 @@ def test_two_processes_match_one_with_the_doubled_batch(workspace, tmp_path):
     assert differences.max() <= 3 * 2 * 2e-3
 
 
+@pytest.mark.slow
 def test_a_malformed_sample_is_reported_not_fatal(workspace, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(workspace / "omniavs", broken)

@@ -17,6 +17,10 @@ from .test_training_image import build_refer
 from .test_training_video import _write_meta_set
 
 
+# every test here launches training or evaluation processes
+pytestmark = pytest.mark.slow
+
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -17,6 +17,10 @@ import pytest
 from processing_oisa.synthetic_dataset import make_synthetic_dataset
 
 
+# every test here launches training or evaluation processes
+pytestmark = pytest.mark.slow
+
+
 REPO = Path(__file__).resolve().parents[1]
 
 
