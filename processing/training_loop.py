@@ -10,9 +10,17 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
+from accelerate import Accelerator, PartialState
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    DeepSpeedPlugin,
+    DistributedType,
+    FullyShardedDataParallelPlugin,
+    gather_object,
+    set_seed,
+)
 from peft import PeftModel
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoProcessor, get_scheduler
@@ -139,6 +147,52 @@ def _save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, samp
     accelerator.wait_for_everyone()
 
 
+def _engine_on_cpu(accelerator: Accelerator) -> None:
+    """
+    Runs an FSDP or DeepSpeed accelerate config on CPU processes (gloo). accelerate (1.16) takes either engine only for
+    GPU-like devices and, with `cpu=True`, would run DDP under the config without a word. This sets the state as
+    `AcceleratorState` does on GPUs, from the same plugin; from there accelerate's own code prepares (FSDP2's
+    `fully_shard`, `deepspeed.initialize`), clips, saves and gathers. docs/training-distributed.md says what ran where.
+    """
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables `accelerate launch` sets from the config
+        if plugin.fsdp_version != 2:
+            raise ValueError("On CPU processes only FSDP2 runs (`fsdp_version: 2` in the accelerate config).")
+        accelerator.state.fsdp_plugin = plugin
+        engine = DistributedType.FSDP
+    elif os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        plugin = DeepSpeedPlugin()  # the config's `deepspeed_config`, from the variables `accelerate launch` sets
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+        plugin.select(_from_accelerator_state=True)
+        accelerator.state.deepspeed_plugins = plugin
+        engine = DistributedType.DEEPSPEED
+    else:
+        return
+    accelerator.state.distributed_type = engine
+    PartialState._shared_state["distributed_type"] = engine
+
+
+def _build_model(config: StageConfig, model_path: str, processor) -> torch.nn.Module:
+    """The model to train: the checkpoint with the stage's loss weights and its trainable parts (LoRA, token rows)."""
+    model = AutoModel.from_pretrained(model_path, dtype=torch.float32)
+    for name, weight in config.loss_weights.items():
+        if name not in LOSS_WEIGHT_NAMES:
+            raise ValueError(f"loss_weights: {name!r} is not one of {LOSS_WEIGHT_NAMES}")
+        setattr(model.config, name, weight)
+    if config.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    new_token_ids = processor.tokenizer.convert_tokens_to_ids(OISA_SPECIAL_TOKENS) if config.train_new_token_rows else []
+    return apply_training_setup(
+        model,
+        TrainingSetup(
+            train_modules=config.train_modules,
+            llm_lora_rank=config.llm_lora_rank,
+            audio_lora_rank=config.audio_lora_rank,
+            new_token_ids=new_token_ids,
+        ),
+    )
+
+
 def train(
     config: StageConfig,
     model_path: str,
@@ -160,6 +214,8 @@ def train(
         cpu=cpu,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+    if cpu and accelerator.num_processes > 1:
+        _engine_on_cpu(accelerator)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         # otherwise every process would take itself for the only one and train on the same data
@@ -169,24 +225,8 @@ def train(
         )
     set_seed(config.seed)
     processor = AutoProcessor.from_pretrained(model_path)
-    model = AutoModel.from_pretrained(model_path, dtype=torch.float32)
+    model = _build_model(config, model_path, processor)
     profile = config.profile or model.config.profile
-    for name, weight in config.loss_weights.items():
-        if name not in LOSS_WEIGHT_NAMES:
-            raise ValueError(f"loss_weights: {name!r} is not one of {LOSS_WEIGHT_NAMES}")
-        setattr(model.config, name, weight)
-    if config.gradient_checkpointing:
-        model.activation_checkpointing_enable()
-    new_token_ids = processor.tokenizer.convert_tokens_to_ids(OISA_SPECIAL_TOKENS) if config.train_new_token_rows else []
-    model = apply_training_setup(
-        model,
-        TrainingSetup(
-            train_modules=config.train_modules,
-            llm_lora_rank=config.llm_lora_rank,
-            audio_lora_rank=config.audio_lora_rank,
-            new_token_ids=new_token_ids,
-        ),
-    )
     if push_to_hub and not merge and isinstance(model, PeftModel):
         # unmerged, the final model is saved as a PEFT adapter, which AutoModel cannot load from the Hub
         raise ValueError(
@@ -207,7 +247,28 @@ def train(
         num_warmup_steps=math.ceil(config.warmup_ratio * total_steps),
         num_training_steps=total_steps,
     )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # the stage config sets the batch and the clipping: `prepare` gets no data loader to read the batch from, and
+        # DeepSpeed clips inside its step (`clip_grad_norm_` then only reports the norm)
+        deepspeed_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        deepspeed_config["train_micro_batch_size_per_gpu"] = config.per_device_batch_size
+        deepspeed_config["gradient_clipping"] = config.max_grad_norm
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # FSDP replaces the parameters by sharded ones (DTensors): clip those
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    if accelerator.distributed_type == DistributedType.FSDP:
+        # as DDP's `find_unused_parameters`: a trainable part that one process's samples leave unused (the audio
+        # projector without audio) still joins the gradient reduction, with zeros, instead of desynchronising it
+        model.set_reduce_scatter_unused_params(True)
+    sharded = sum(isinstance(parameter, DTensor) for parameter in model.parameters())
+    logger.info(
+        "distributed: %s, %d processes; model %s, %d of %d parameters sharded",
+        accelerator.distributed_type.value,
+        accelerator.num_processes,
+        type(model).__name__,
+        sharded,
+        len(list(model.parameters())),
+    )
 
     step, samples_seen = 0, 0
     checkpoint = _latest_checkpoint(output_dir) if resume else None
@@ -301,9 +362,16 @@ def train(
 
     final_dir = output_dir / ("final-merged" if merge else "final")
     total_bad_samples = int(accelerator.reduce(torch.tensor(bad_samples, device=accelerator.device), reduction="sum"))
+    if accelerator.distributed_type == DistributedType.FSDP:
+        # the sharded model cannot be merged or saved as it is: every process takes part in gathering its full state
+        # dict, which the main process loads into an unsharded copy
+        full_state = accelerator.get_state_dict(model)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         trained = accelerator.unwrap_model(model)
+        if accelerator.distributed_type == DistributedType.FSDP:
+            trained = _build_model(config, model_path, processor)
+            trained.load_state_dict(full_state)
         if merge:
             trained = merge_training_setup(trained)
         trained.save_pretrained(final_dir)
@@ -313,6 +381,7 @@ def train(
                 {
                     "step": step,
                     "num_processes": accelerator.num_processes,
+                    "distributed_type": accelerator.distributed_type.value,
                     "bad_samples": total_bad_samples,
                     "log_history": loss_history,
                 },
