@@ -4,7 +4,7 @@
 #
 #   bash examples/train_oisa_tiny_synthetic.sh [WORK_DIR]
 #
-# About 6 to 7 hours on 2 CPU cores (about twice that on a slower machine, see README). Stopped part-way, the
+# About 6 to 7 hours on 2 CPU cores (about twice that on a slower machine, see the model card's history). Stopped part-way, the
 # same command with the same WORK_DIR (default: tiny-synthetic-run) goes on where it stopped: finished data and parts
 # are kept, a part in progress resumes from its last checkpoint (train.py --resume), and a WORK_DIR that holds only the
 # latest finished part (its folder and stamp) makes the data again and goes on from that part. Data and parts made by
@@ -147,7 +147,7 @@ done
 rm -rf "$WORK/eval" "$WORK/card"
 accelerate launch --cpu --num_processes 1 "$REPO/eval.py" --model "$WORK/$LAST_PART/final" --dataset omniavs \
     --data-root "$WORK/data/held-out" --out "$WORK/eval" --card "$WORK/card" --card-template oisa-tiny-synthetic \
-    --card-field repo_id=oisa-tiny-synthetic --card-field model_name=OISA-tiny-synthetic \
+    --card-field repo_id=oisa-tiny-synthetic --card-field model_name=OISA-tiny-synthetic --card-field history=true \
     --card-field training_data="'oisa make-synthetic: 6000 still images (seeds 14 and 12), 15000 image-text\
  conversations (seeds 15 and 21), 3000 audio-text clips (seed 16) and 1800 clips (seeds 11, 17 and 23)'" \
     --card-field training="'examples/train_oisa_tiny_synthetic.sh: configs/oisa_tiny_synthetic_images.json\

@@ -215,13 +215,15 @@ def build_training_stream(
     world_size: int = 1,
     shuffle_buffer: int = 1000,
     num_shards: int = 7,
+    skip_per_process: int = 0,
 ) -> IterableDataset:
     """
     An endless stream of (source, index) items: each source shuffled with a buffer and repeated, sources
     interleaved by weight (default: their record counts, the original proportions), split across processes. Each
-    source is split into shards so DataLoader workers share it. Deterministic under `seed`; `.skip(n)` resumes it.
-    The shard count is one no usual world size divides, so processes take every n-th item of one global order and
-    the samples of a step do not depend on the number of processes.
+    source is split into shards so DataLoader workers share it. Deterministic under `seed`. The shard count is one no
+    usual world size divides, so processes take every n-th item of one global order and the samples of a step do not
+    depend on the number of processes. A run resumes with `skip_per_process`, the items each process had drawn: the
+    global order is skipped by that many times the world size, before it is split.
     """
     streams, weights = [], []
     for source in sources:
@@ -236,5 +238,7 @@ def build_training_stream(
     mixture = interleave_datasets(
         streams, probabilities=[weight / total for weight in weights], seed=seed, stopping_strategy="all_exhausted"
     ) if len(streams) > 1 else streams[0]
+    if skip_per_process:
+        mixture = mixture.skip(skip_per_process * world_size)
     return split_dataset_by_node(mixture, rank=rank, world_size=world_size)
 

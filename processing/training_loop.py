@@ -65,7 +65,7 @@ SAMPLE_BUILDERS = {
 
 @dataclass
 class StageConfig:
-    """One training stage, read from a JSON file in `configs/` (every field there is documented in the README)."""
+    """One training stage, read from a JSON file in `configs/` (every field is documented in docs/training.md)."""
 
     stage: int
     mixture: list[dict]
@@ -277,8 +277,13 @@ def train(
         step, samples_seen = state["step"], state["samples_seen_per_process"]
 
     stream = build_training_stream(
-        sources, config.seed, accelerator.process_index, accelerator.num_processes, config.shuffle_buffer
-    ).skip(samples_seen)
+        sources,
+        config.seed,
+        accelerator.process_index,
+        accelerator.num_processes,
+        config.shuffle_buffer,
+        skip_per_process=samples_seen,
+    )
     builder = SampleBuilder(sources, OisaTrainingCollator(processor.tokenizer.pad_token_id))
     loader = DataLoader(
         stream, batch_size=config.per_device_batch_size, collate_fn=builder, num_workers=0 if cpu else config.num_workers

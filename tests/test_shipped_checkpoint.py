@@ -71,7 +71,7 @@ def null_answers(results: list[dict]) -> list[bool]:
 def test_the_shipped_model_meets_its_targets_on_held_out_clips_used_for_nothing_else(shipped, tmp_path):
     # the recipe trained on clips of seeds 11, 17 and 23 and checked itself on seed 2026; candidate models were
     # compared on seeds 7, 31, 53, 97, 101 and 211; seeds 5, 13 and 89 were made after the model was installed and
-    # have served nothing but this measure (README, OISA-tiny-synthetic): 120 clips, 1200 expressions pooled
+    # have served nothing but this measure (the model card's history): 120 clips, 1200 expressions pooled
     results = [result for seed in (5, 13, 89) for result in evaluate_held_out(seed, tmp_path)]
     segmentation = segmentation_scores(results)
     assert set(segmentation["splits"]) == set(EXPRESSION_TYPES)
@@ -102,7 +102,7 @@ def test_the_demo_finds_its_targets_with_the_shipped_model(shipped, tmp_path):
     assert oisa_main(["demo", "--out", str(out)]) == 0
     entries = {entry["expression"]: entry for entry in json.loads((out / "result.json").read_text())["expressions"]}
     # the written, sounding and pictured targets are found and the null expression is answered null (the demo's
-    # spoken name of a present object, the type the model fails most, is answered null: README)
+    # spoken name of a present object, the type the model fails most, is answered null: the model card)
     found = ["text: the red circle", "text: the shape that is making a sound"]
     found += ["text + sound: the shape making the sound <audio>", "text + image: the shape that looks like <image>"]
     for name in found:

@@ -176,6 +176,22 @@ def test_killed_run_resumes_to_the_same_weights(workspace, four_steps, tmp_path)
         torch.testing.assert_close(resumed_state[key], whole_state[key], atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.slow
+def test_a_two_process_run_resumes_on_the_samples_it_would_have_drawn(workspace, tmp_path):
+    whole = run_train(workspace, tmp_path / "whole", "--max-steps", "4", processes=2, batch=1)
+    # the state an interruption after step 2 leaves
+    shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / "cut" / "checkpoint-2")
+    resumed = run_train(workspace, tmp_path / "cut", "--max-steps", "4", "--resume", processes=2, batch=1)
+    assert [entry["step"] for entry in resumed["log_history"]] == [3, 4]
+    for after, before in zip(resumed["log_history"], whole["log_history"][2:]):
+        assert after["samples_per_process"] == before["samples_per_process"]
+        for name in LOSS_NAMES:
+            assert after[name] == pytest.approx(before[name], rel=1e-5, abs=1e-7), name
+    whole_state, resumed_state = _final_state(tmp_path / "whole"), _final_state(tmp_path / "cut")
+    for key in whole_state:
+        torch.testing.assert_close(resumed_state[key], whole_state[key], atol=1e-6, rtol=1e-6)
+
+
 def _final_state(output):
     files = sorted((output / "final").glob("*.safetensors"))
     state = {}
