@@ -29,9 +29,9 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig
 
 from modeling_oisa import resolve_model_name
-from processing_oisa.eval_report import compute_metrics, write_report
-from processing_oisa.eval_results import ResultWriter, check_output, claim_output, read_results, results_path
-from processing_oisa.evaluation import (
+from oisa_evaluation.report import compute_metrics, write_report
+from oisa_evaluation.results import ResultWriter, check_output, claim_output, read_results, results_path
+from oisa_evaluation.runner import (
     DATASETS,
     DEFAULT_SPLITS,
     PROFILES,
@@ -42,7 +42,7 @@ from processing_oisa.evaluation import (
     shard,
     video_groups,
 )
-from processing_oisa.model_card import TEMPLATES, parse_card_fields, render_model_card
+from oisa_hub_cards.model_card import TEMPLATES, parse_card_fields, render_model_card
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -11,14 +11,18 @@ stage). The accelerate configs in configs/accelerate/ give DDP, FSDP and DeepSpe
 """
 
 import argparse
+import json
 import logging
+from pathlib import Path
+
+from accelerate import PartialState
 
 import processing_oisa  # noqa: F401  (registers the processor)
 from modeling_oisa import resolve_model_name
-from processing_oisa.training_loop import StageConfig, train
+from oisa_training.loop import STATE_FILE, StageConfig, train
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="stage config file (configs/*.json)")
     parser.add_argument(
@@ -31,24 +35,37 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--merge", action="store_true", help="fold LoRA into the weights of the final model")
     parser.add_argument("--push-to-hub", metavar="REPO", help="upload the final model and processor")
     parser.add_argument("--cpu", action="store_true", help="train on CPU in float32")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
-def main() -> None:
+def publish(final: Path, repo_id: str, config: StageConfig, base_model: str, data_roots: dict[str, str]) -> None:
+    """The same upload as `oisa push`: remote code, processor and a model card from the fine-tune template."""
+    from oisa_hub_cards.publish import publish_checkpoint
+
+    steps = json.loads((final / STATE_FILE).read_text())["step"]
+    training = f"stage {config.stage}, {steps} optimizer steps on {', '.join(sorted(data_roots))}"
+    publish_checkpoint(final, repo_id, base_model=base_model, training=training)
+
+
+def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    args = parse_args()
+    args = parse_args(argv)
     data_roots = dict(item.split("=", 1) for item in args.data)
+    config = StageConfig.from_file(args.config)
+    model_path = resolve_model_name(args.model)
     final = train(
-        StageConfig.from_file(args.config),
-        resolve_model_name(args.model),
+        config,
+        model_path,
         args.output_dir,
         data_roots,
         max_steps=args.max_steps,
         resume=args.resume,
         merge=args.merge,
-        push_to_hub=args.push_to_hub,
+        full_model=args.push_to_hub is not None,
         cpu=args.cpu,
     )
+    if args.push_to_hub and PartialState().is_main_process:
+        publish(final, args.push_to_hub, config, model_path, data_roots)
     logging.getLogger("train").info("final model in %s", final)
 
 

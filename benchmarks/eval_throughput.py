@@ -23,8 +23,8 @@ from statistics import median
 import torch
 from transformers import AutoModel, AutoProcessor
 
-from processing_oisa.cli import main as oisa_main
-from processing_oisa.synthetic_dataset import make_synthetic_dataset
+from oisa_cli.main import main as oisa_main
+from processing_oisa.data.synthetic import make_synthetic_dataset
 
 
 EVAL_SCRIPT = Path(__file__).resolve().parents[1] / "eval.py"

@@ -13,9 +13,9 @@ import os
 import time
 
 import torch
+from peak_memory import PeakMemory
 
 from modeling_oisa import OisaConfig, OisaForReferringSegmentation, audio_token_counts
-from peak_memory import PeakMemory
 
 
 def build_prompt(config: OisaConfig, modes: torch.Tensor, audio_tokens: int) -> torch.Tensor:

@@ -17,10 +17,10 @@ import time
 from collections.abc import Callable
 
 import torch
+from peak_memory import PeakMemory
 from transformers.models.mask2former.modeling_mask2former import multi_scale_deformable_attention
 
 import oisa_kernels
-from peak_memory import PeakMemory
 
 
 SHAPES = {

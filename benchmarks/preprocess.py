@@ -17,11 +17,11 @@ import torch
 from scipy.signal import resample_poly
 from transformers import AutoModel, AutoProcessor
 
+from oisa_cli.main import main as oisa_main
 from processing_oisa import OisaExpression, OisaVideoSegmenter, VideoReader, write_video
-from processing_oisa.cli import main as oisa_main
+from processing_oisa.data.synthetic_clips import make_shapes_clip
 from processing_oisa.media import resample_audio
 from processing_oisa.processing_oisa import make_image_processor
-from processing_oisa.synthetic import make_shapes_clip
 
 
 def timed(function) -> float:

@@ -12,16 +12,11 @@ ratio is the same step without gradient checkpointing, in the same process.
 import argparse
 
 import torch
-
-from modeling_oisa import (
-    OisaConfig,
-    OisaForReferringSegmentation,
-    TrainingSetup,
-    apply_training_setup,
-    audio_token_counts,
-    tiny_oisa_config,
-)
 from peak_memory import PeakMemory
+
+from modeling_oisa import OisaConfig, OisaForReferringSegmentation, audio_token_counts
+from oisa_tiny import tiny_oisa_config
+from oisa_training.setup import TrainingSetup, apply_training_setup
 
 
 def make_batch(config: OisaConfig, batch_size: int, frames: int, device: torch.device) -> dict[str, torch.Tensor]:

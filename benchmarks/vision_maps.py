@@ -15,7 +15,8 @@ import time
 
 import torch
 
-from modeling_oisa import OisaForReferringSegmentation, tiny_synthetic_config
+from modeling_oisa import OisaForReferringSegmentation
+from oisa_tiny import tiny_synthetic_config
 
 
 def vision_step_seconds(

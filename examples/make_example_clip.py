@@ -6,8 +6,8 @@ Usage: python examples/make_example_clip.py [OUTPUT]
 import sys
 from pathlib import Path
 
+from processing_oisa.data.synthetic_clips import make_shapes_clip
 from processing_oisa.media import write_video
-from processing_oisa.synthetic import make_shapes_clip
 
 
 def main(output: Path) -> None:

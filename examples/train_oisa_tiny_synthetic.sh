@@ -49,7 +49,7 @@ make_data() {
     fi
 }
 
-# train_part PART CONFIG FROM FORMAT=DATA...: train.py with configs/CONFIG from the final model of part FROM (or the
+# train_part PART CONFIG FROM FORMAT=DATA...: train.py with configs/tiny_synthetic/CONFIG from the final model of part FROM (or the
 # untrained model, init) on WORK/data/DATA read as FORMAT, into WORK/PART, unless it or a later part has finished (the
 # check pass numbers the parts and notes the last finished one in LAST_FINISHED, so that a WORK_DIR holding only the
 # latest finished part, its stamp and the data goes on from there)
@@ -69,13 +69,13 @@ train_part() {
         data+=(--data "${entry%%=*}=$WORK/data/${entry#*=}")
     done
     local checksum
-    checksum=$(sha256sum < "$REPO/configs/$config" | cut -c1-64)
-    check_or_stamp "$part" "train.py --config configs/$config $checksum --model $from $*"
+    checksum=$(sha256sum < "$REPO/configs/tiny_synthetic/$config" | cut -c1-64)
+    check_or_stamp "$part" "train.py --config configs/tiny_synthetic/$config $checksum --model $from $*"
     if [ -e "$WORK/$part/final/trainer_state.json" ]; then
         LAST_FINISHED=$PART_NUMBER
     fi
     if [ "$MODE" = run ] && [ "$PART_NUMBER" -gt "$LAST_FINISHED" ]; then
-        "${TRAIN[@]}" --config "$REPO/configs/$config" --model "$model" --output-dir "$WORK/$part" "${data[@]}"
+        "${TRAIN[@]}" --config "$REPO/configs/tiny_synthetic/$config" --model "$model" --output-dir "$WORK/$part" "${data[@]}"
     fi
 }
 
@@ -150,7 +150,7 @@ accelerate launch --cpu --num_processes 1 "$REPO/eval.py" --model "$WORK/$LAST_P
     --card-field repo_id=oisa-tiny-synthetic --card-field model_name=OISA-tiny-synthetic --card-field history=true \
     --card-field training_data="'oisa make-synthetic: 6000 still images (seeds 14 and 12), 15000 image-text\
  conversations (seeds 15 and 21), 3000 audio-text clips (seed 16) and 1800 clips (seeds 11, 17 and 23)'" \
-    --card-field training="'examples/train_oisa_tiny_synthetic.sh: configs/oisa_tiny_synthetic_images.json\
+    --card-field training="'examples/train_oisa_tiny_synthetic.sh: configs/tiny_synthetic/oisa_tiny_synthetic_images.json\
  (1500 steps), oisa_tiny_synthetic_reading.json (1500), oisa_tiny_synthetic_questions.json (1500),\
  oisa_tiny_synthetic.json (4050, 4050, 4500 and 4500), oisa_tiny_synthetic_shapes.json (16000),\
  oisa_tiny_synthetic.json (4500), oisa_tiny_synthetic_polish.json (2000, twice),\

@@ -1,16 +1,13 @@
-"""OISA as a transformers model. Importing this package registers `oisa` with AutoConfig and AutoModel."""
+"""
+OISA as a transformers model. Importing this package registers `oisa` with AutoConfig and AutoModel, and routes
+original checkpoints (`internvl_chat`) to the same class, which converts them on load. The converters themselves live
+in `modeling_oisa.conversion` and are imported only when an original checkpoint is loaded or converted.
+"""
 
 from transformers import AutoConfig, AutoModel
 
 from .audio_encoder import OisaAudioEncoder, audio_lengths_after_conv, audio_token_counts
-from .build_from_parts import Stage1Report, build_stage1_model
-from .configuration_oisa import PROFILE_SWITCHES, OisaConfig
-from .convert_original import (
-    DROPPED_ORIGINAL_KEYS,
-    OisaCheckpointError,
-    OisaOriginalConfig,
-    convert_original_checkpoint,
-)
+from .configuration_oisa import PROFILE_SWITCHES, OisaConfig, OisaOriginalConfig
 from .deformable_attention import OisaMultiscaleDeformableAttention
 from .mask_head import OisaMaskHead, OisaQueryDecoderOutput
 from .modeling_oisa import (
@@ -22,9 +19,13 @@ from .modeling_oisa import (
     OisaOutput,
     OisaPreTrainedModel,
 )
-from .pretrained import TINY_SYNTHETIC_NAME, MissingCheckpointError, resolve_model_name, tiny_synthetic_path
-from .tiny import init_tiny_synthetic_weights, tiny_oisa_config, tiny_synthetic_config
-from .training import TrainingSetup, apply_training_setup, merge_training_setup
+from .pretrained import (
+    TINY_SYNTHETIC_NAME,
+    MissingCheckpointError,
+    OisaCheckpointError,
+    resolve_model_name,
+    tiny_synthetic_path,
+)
 
 
 AutoConfig.register("oisa", OisaConfig)
@@ -37,10 +38,11 @@ OisaConfig.register_for_auto_class()
 OisaForReferringSegmentation.register_for_auto_class("AutoModel")
 
 __all__ = [
-    "DROPPED_ORIGINAL_KEYS",
     "PROFILE_SWITCHES",
+    "TINY_SYNTHETIC_NAME",
     "AudioTokenMode",
     "ImageTokenMode",
+    "MissingCheckpointError",
     "OisaAudioEncoder",
     "OisaCheckpointError",
     "OisaConfig",
@@ -53,19 +55,8 @@ __all__ = [
     "OisaOutput",
     "OisaPreTrainedModel",
     "OisaQueryDecoderOutput",
-    "TrainingSetup",
-    "apply_training_setup",
-    "Stage1Report",
     "audio_lengths_after_conv",
     "audio_token_counts",
-    "build_stage1_model",
-    "convert_original_checkpoint",
-    "merge_training_setup",
-    "MissingCheckpointError",
     "resolve_model_name",
-    "TINY_SYNTHETIC_NAME",
-    "init_tiny_synthetic_weights",
-    "tiny_oisa_config",
-    "tiny_synthetic_config",
     "tiny_synthetic_path",
 ]

@@ -1,7 +1,16 @@
-"""Configuration of OISA, the omnimodal referring audio-visual segmentation model."""
+"""Configuration of OISA, the omnimodal referring audio-visual segmentation model, and of its original checkpoints."""
+
+import dataclasses
 
 from huggingface_hub.dataclasses import strict
-from transformers import AutoConfig, InternVLVisionConfig, Mask2FormerConfig, PreTrainedConfig
+from transformers import (
+    AutoConfig,
+    InternVLVisionConfig,
+    Mask2FormerConfig,
+    PreTrainedConfig,
+    Qwen2Config,
+    WhisperConfig,
+)
 from transformers.configuration_utils import SubConfigSpec
 
 
@@ -307,4 +316,43 @@ class OisaConfig(PreTrainedConfig):
         )
 
 
-__all__ = ["OisaConfig"]
+
+# `model_type` of the original OISA checkpoints (InternVL's chat model layout)
+ORIGINAL_MODEL_TYPE = "internvl_chat"
+
+SUB_CONFIG_CLASSES = {
+    "vision_config": InternVLVisionConfig,
+    "text_config": Qwen2Config,
+    "audio_config": WhisperConfig,
+}
+# the OisaConfig fields a conversion may be given: OISA's own, not PreTrainedConfig's
+OVERRIDABLE_FIELDS = tuple(
+    field.name
+    for field in dataclasses.fields(OisaConfig)
+    if field.name not in {base.name for base in dataclasses.fields(PreTrainedConfig)}
+)
+
+
+class OisaOriginalConfig(PreTrainedConfig):
+    r"""
+    The config of an original OISA checkpoint (`model_type: internvl_chat`: `vision_config`, `llm_config`,
+    `audio_config`, `force_image_size`, `use_llm_lora`...), its fields kept as written and untyped, as hand-edited
+    releases may differ. It is only read to be converted: registering it with `AutoConfig` lets `AutoModel` route
+    original checkpoints to [`OisaForReferringSegmentation`], whose `from_pretrained` converts them.
+    """
+
+    model_type = ORIGINAL_MODEL_TYPE
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        # sizes given to `AutoModel.from_pretrained` for the conversion (`vision_config={...}` too) are not updates of
+        # this config: leave them in the unused kwargs, which reach the model's `from_pretrained`
+        conversion = {name: kwargs.pop(name) for name in OVERRIDABLE_FIELDS if name in kwargs}
+        loaded = super().from_dict(config_dict, **kwargs)
+        if kwargs.get("return_unused_kwargs"):
+            config, unused = loaded
+            return config, {**unused, **conversion}
+        return loaded
+
+
+__all__ = ["OisaConfig", "OisaOriginalConfig"]

@@ -15,11 +15,11 @@ from transformers.models.mask2former.modeling_mask2former import Mask2FormerPixe
 from transformers.utils import ModelOutput
 
 from .audio_encoder import OisaAudioEncoder, audio_token_counts
-from .configuration_oisa import OisaConfig
-from .convert_original import OVERRIDABLE_FIELDS, convert_original_in_memory, find_original_checkpoint
+from .configuration_oisa import OVERRIDABLE_FIELDS, OisaConfig
 from .deformable_attention import OisaMultiscaleDeformableAttention
 from .losses import point_mask_losses, presence_loss
 from .mask_head import OisaMaskHead, OisaQueryDecoder, OisaQueryDecoderLayer, OisaQueryDecoderOutput
+from .pretrained import OisaCheckpointError, find_original_checkpoint
 from .vision_adapter import OisaViTAdapter
 
 
@@ -251,6 +251,14 @@ class OisaForReferringSegmentation(OisaPreTrainedModel, GenerationMixin):
             )
         if original_dir is None:
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        try:
+            # the converter loads only for original folders; Hub remote code carries the model, not the converter
+            from modeling_oisa.conversion.original import convert_original_in_memory
+        except ImportError as error:
+            raise OisaCheckpointError(
+                f"{pretrained_model_name_or_path} is an original OISA checkpoint: converting it needs the oisa "
+                "package installed"
+            ) from error
 
         dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
         if isinstance(dtype, str) and dtype != "auto":

@@ -1,4 +1,4 @@
-"""Everything between raw files and OISA's tensors: tokenizer, media, prompts, processor, inference, data, metrics.
+"""Files <-> tensors <-> masks: media decoding, prompts, special tokens, the processor, the segmenter and the pipeline.
 
 Importing it registers `OisaProcessor` with AutoProcessor for the `oisa` model type.
 """
@@ -7,12 +7,12 @@ from transformers import AutoProcessor
 
 from modeling_oisa import OisaConfig
 
-from .inference import OisaSegmentation, OisaVideoSegmenter, upsample_masks
-from .pipeline import OisaReferringSegmentationPipeline, register_pipeline
 from .media import OisaInputError, VideoReader, decode_audio, load_image, write_video
+from .pipeline import OisaReferringSegmentationPipeline, register_pipeline
 from .processing_oisa import OisaExpression, OisaProcessor, make_feature_extractor, make_image_processor
 from .prompts import EXPRESSION_TYPES, frame_token_modes, target_answer
-from .tokenization_oisa import NAMED_SPECIAL_TOKENS, OISA_SPECIAL_TOKENS, build_tiny_tokenizer
+from .segmenter import OisaSegmentation, OisaVideoSegmenter, upsample_masks
+from .tokenization_oisa import NAMED_SPECIAL_TOKENS, OISA_SPECIAL_TOKENS
 
 
 AutoProcessor.register(OisaConfig, OisaProcessor)
@@ -30,7 +30,6 @@ __all__ = [
     "OisaSegmentation",
     "OisaVideoSegmenter",
     "VideoReader",
-    "build_tiny_tokenizer",
     "decode_audio",
     "frame_token_modes",
     "load_image",

@@ -5,8 +5,8 @@ from typing import Any
 from transformers import AutoModel, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .inference import OisaVideoSegmenter
 from .processing_oisa import OisaExpression
+from .segmenter import OisaVideoSegmenter
 
 
 TASK = "referring-audio-visual-segmentation"

@@ -7,7 +7,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from modeling_oisa import OisaForReferringSegmentation, tiny_oisa_config  # noqa: E402
+from modeling_oisa import OisaForReferringSegmentation
+from oisa_tiny import tiny_oisa_config  # noqa: E402
 
 
 IMAGE_TOKEN, AUDIO_TOKEN, SEG_TOKEN, SUB_AUDIO_TOKEN = 384, 393, 396, 399

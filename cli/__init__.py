@@ -1,0 +1,1 @@
+"""The `oisa` command line (`oisa_cli.main:main`)."""

@@ -1,0 +1,45 @@
+"""The `oisa` command line: one module per command, each imported light; its work imports what it needs when it runs."""
+
+import argparse
+import logging
+import sys
+
+from . import convert, demo, init_from_parts, make_synthetic, push, segment, tiny_random
+
+
+logger = logging.getLogger("oisa")
+
+COMMANDS = {
+    "segment": segment,
+    "demo": demo,
+    "convert": convert,
+    "init-from-parts": init_from_parts,
+    "tiny-random": tiny_random,
+    "make-synthetic": make_synthetic,
+    "push": push,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="oisa", description="OISA: omnimodal referring audio-visual segmentation.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, command in COMMANDS.items():
+        command.add_arguments(commands.add_parser(name, help=command.HELP))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    from modeling_oisa import MissingCheckpointError, OisaCheckpointError
+    from processing_oisa.media import OisaInputError
+
+    try:
+        return COMMANDS[args.command].run(args)
+    except (OisaInputError, OisaCheckpointError, MissingCheckpointError) as error:
+        logger.error("oisa %s: %s", args.command, error)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""`oisa segment`: masks, an overlay video, a contact sheet and result.json for one expression on one video."""
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+
+HELP = "segment what an expression refers to in a video"
+logger = logging.getLogger("oisa")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("video", type=Path, help="video file (mp4, mkv, webm, avi...) or folder of frames")
+    parser.add_argument("--text", help="text expression; mark a sound with <audio> and an image with <image>")
+    parser.add_argument("--speech", type=Path, help="spoken expression (any audio file)")
+    parser.add_argument("--sound", type=Path, help="a sound that is part of the expression")
+    parser.add_argument("--image", type=Path, help="an image that is part of the expression")
+    parser.add_argument("--explain", action="store_true", help="ask the model to explain its answer")
+    parser.add_argument("--soundtrack", type=Path, help="the video's audio as a separate file (default: its own)")
+    parser.add_argument(
+        "--model", help="checkpoint folder, Hub id or oisa-tiny-synthetic (the default)"
+    )
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when available)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    parser.add_argument("--chunk-size", type=int, default=8, help="frames through the mask head at once")
+    parser.add_argument("--max-new-tokens", type=int, default=100)
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+    from PIL import Image
+    from tqdm.auto import tqdm
+    from transformers import AutoModel, AutoProcessor
+
+    from modeling_oisa import TINY_SYNTHETIC_NAME, resolve_model_name
+    from processing_oisa.media import VideoReader, write_video
+    from processing_oisa.processing_oisa import OisaExpression
+    from processing_oisa.segmenter import OisaVideoSegmenter
+    from processing_oisa.visualization import contact_sheet, overlay_mask
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16}[args.dtype]
+    expression = OisaExpression(text=args.text, speech=args.speech, sound=args.sound, image=args.image,
+                                explain=args.explain)
+    expression_type = expression.type
+    reader = VideoReader(args.video)
+    if args.model is None:
+        args.model = TINY_SYNTHETIC_NAME
+        logger.info("no --model given: using %s, the small model trained on synthetic shapes", TINY_SYNTHETIC_NAME)
+    model_path = resolve_model_name(args.model)
+    model = AutoModel.from_pretrained(model_path, dtype=dtype).to(device).eval()
+    processor = AutoProcessor.from_pretrained(model_path)
+    segmenter = OisaVideoSegmenter(model, processor, chunk_size=args.chunk_size, max_new_tokens=args.max_new_tokens)
+    with tqdm(total=reader.info.num_frames, unit="frame", desc="segmenting", disable=None) as bar:
+        result = segmenter(reader, expression, soundtrack=args.soundtrack,
+                           progress=lambda done, total: bar.update(done - bar.n))
+
+    out = Path(args.out)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    overlays, sheet_tiles, sheet_labels = [], [], []
+    sheet_frames = set(np.linspace(0, reader.info.num_frames - 1, min(8, reader.info.num_frames)).round().astype(int))
+    for index, frame in reader.iter_frames():
+        mask = result.masks[index]
+        Image.fromarray(mask.astype(np.uint8) * 255).save(out / "masks" / f"{index:05d}.png")
+        overlays.append(overlay_mask(frame, mask))
+        if index in sheet_frames:
+            sheet_tiles.append(overlays[-1])
+            sheet_labels.append(f"frame {index}  t={result.timestamps[index]:.2f}s  area={int(mask.sum())}")
+    fps = 1.0 / (reader.info.timestamps[1] - reader.info.timestamps[0]) if reader.info.num_frames > 1 else 1.0
+    # yuv420p needs even sides
+    height, width = (reader.info.height // 2) * 2, (reader.info.width // 2) * 2
+    write_video(out / "overlay.mp4", np.stack(overlays)[:, :height, :width], fps)
+    contact_sheet(sheet_tiles, sheet_labels).save(out / "contact_sheet.png")
+    summary = {
+        "video": str(args.video),
+        "model": str(args.model),
+        "expression_type": expression_type,
+        "answer": result.answer,
+        "explanation": result.explanation,
+        "segmented": result.has_seg,
+        "frames": [
+            {"index": index, "time": time, "mask_area": area, "presence": float(presence)}
+            for index, (time, area, presence) in enumerate(
+                zip(result.timestamps, result.mask_areas, result.presence_scores)
+            )
+        ],
+    }
+    temporary = out / "result.json.tmp"
+    temporary.write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    temporary.replace(out / "result.json")
+    logger.info("answer: %s", result.answer)
+    logger.info("wrote %d masks, overlay.mp4, contact_sheet.png and result.json to %s", reader.info.num_frames, out)
+    return 0

@@ -1,0 +1,399 @@
+"""The training loop of `train.py`: stage configs, data mixtures, Accelerate, checkpoints that resume exactly."""
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import (
+    DeepSpeedPlugin,
+    DistributedDataParallelKwargs,
+    DistributedType,
+    FullyShardedDataParallelPlugin,
+    gather_object,
+    set_seed,
+)
+from peft import PeftModel
+from torch.distributed.tensor import DTensor
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoModel, AutoProcessor, get_scheduler
+
+from oisa_training.setup import TrainingSetup, apply_training_setup, merge_training_setup
+from processing_oisa.data.audio_text import AUDIO_TEXT_SAMPLE_BUILDERS
+from processing_oisa.data.image_sets import IMAGE_SAMPLE_BUILDERS
+from processing_oisa.data.image_text import IMAGE_TEXT_SAMPLE_BUILDERS
+from processing_oisa.data.mixture import (
+    MixtureSource,
+    OisaTrainingCollator,
+    SampleBuilder,
+    build_omniavs_sample,
+    build_refavs_sample,
+    build_training_stream,
+)
+from processing_oisa.data.omniavs import OmniAVSReader
+from processing_oisa.data.refavs import RefAVSReader
+from processing_oisa.data.video_sets import VIDEO_SAMPLE_BUILDERS
+from processing_oisa.tokenization_oisa import OISA_SPECIAL_TOKENS
+
+
+logger = logging.getLogger(__name__)
+
+LOGGED_LOSSES = ("loss", "lm_loss", "class_loss", "dice_loss", "bce_loss")
+LOSS_WEIGHT_NAMES = ("lm_loss_weight", "class_loss_weight", "dice_loss_weight", "bce_loss_weight")
+
+STATE_FILE = "trainer_state.json"
+
+# the dataset formats that train: their reader and how one of its records becomes a sample
+SAMPLE_BUILDERS = {
+    "omniavs": (OmniAVSReader, build_omniavs_sample),
+    "refavs": (RefAVSReader, build_refavs_sample),
+    **IMAGE_SAMPLE_BUILDERS,
+    **VIDEO_SAMPLE_BUILDERS,
+    **AUDIO_TEXT_SAMPLE_BUILDERS,
+    **IMAGE_TEXT_SAMPLE_BUILDERS,
+}
+
+
+@dataclass
+class StageConfig:
+    """One training stage, read from a JSON file in `configs/` (every field is documented in docs/training.md)."""
+
+    stage: int
+    mixture: list[dict]
+    description: str = ""
+    train_modules: list[str] = field(default_factory=list)
+    llm_lora_rank: int = 0
+    audio_lora_rank: int = 0
+    train_new_token_rows: bool = False
+    learning_rate: float = 4e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.03
+    lr_scheduler: str = "cosine"
+    max_grad_norm: float = 1.0
+    per_device_batch_size: int = 2
+    gradient_accumulation_steps: int = 1
+    epochs: float = 1.0
+    max_steps: int | None = None
+    save_steps: int = 500
+    logging_steps: int = 1
+    num_frames: int = 10
+    num_dense_frames: int = 4
+    mixed_precision: str = "bf16"
+    gradient_checkpointing: bool = True
+    num_workers: int = 4
+    shuffle_buffer: int = 1000
+    seed: int = 42
+    profile: str | None = None
+    # the model's loss weights for this stage (`lm_loss_weight`, `dice_loss_weight`...), saved with the final model
+    loss_weights: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "StageConfig":
+        values = json.loads(Path(path).read_text())
+        known = {item.name for item in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown training settings {sorted(unknown)}.")
+        return cls(**values)
+
+
+def build_sources(config: StageConfig, data_roots: dict[str, str], processor, profile: str) -> list[MixtureSource]:
+    """The mixture's datasets, each read from the root given with `--data NAME=ROOT`."""
+    sources = []
+    for entry in config.mixture:
+        name, data_format = entry["name"], entry["format"]
+        if name not in data_roots:
+            raise ValueError(f"The mixture needs `--data {name}=ROOT` (format {data_format}).")
+        if data_format not in SAMPLE_BUILDERS:
+            raise ValueError(
+                f"Source {name!r} has format {data_format!r}, which has no training reader yet; the formats that "
+                f"train are {sorted(SAMPLE_BUILDERS)}."
+            )
+        reader, build_sample = SAMPLE_BUILDERS[data_format]
+        records = reader(data_roots[name], split=entry.get("split", "train"))
+
+        def build(record, build_sample=build_sample):
+            return build_sample(record, processor, config.num_frames, config.num_dense_frames, profile)
+
+        sources.append(MixtureSource(name=name, records=records, build_sample=build, weight=entry.get("weight")))
+    return sources
+
+
+def _latest_checkpoint(output_dir: Path) -> Path | None:
+    checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    return checkpoints[-1] if checkpoints else None
+
+
+def _save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, samples_seen: int) -> None:
+    """Saves model, optimizer, scheduler and RNG states to a temporary folder, then renames it: never half-written."""
+    final = output_dir / f"checkpoint-{step}"
+    temporary = output_dir / f".checkpoint-{step}.tmp"
+    if accelerator.is_main_process and temporary.exists():
+        shutil.rmtree(temporary)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(temporary))
+    if accelerator.is_main_process:
+        (temporary / STATE_FILE).write_text(json.dumps({"step": step, "samples_seen_per_process": samples_seen}))
+        os.replace(temporary, final)
+    accelerator.wait_for_everyone()
+
+
+def _engine_on_cpu(accelerator: Accelerator) -> None:
+    """
+    Runs an FSDP or DeepSpeed accelerate config on CPU processes (gloo). accelerate (1.16) takes either engine only for
+    GPU-like devices and, with `cpu=True`, would run DDP under the config without a word. This sets the state as
+    `AcceleratorState` does on GPUs, from the same plugin; from there accelerate's own code prepares (FSDP2's
+    `fully_shard`, `deepspeed.initialize`), clips, saves and gathers. docs/training-distributed.md says what ran where.
+    """
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables `accelerate launch` sets from the config
+        if plugin.fsdp_version != 2:
+            raise ValueError("On CPU processes only FSDP2 runs (`fsdp_version: 2` in the accelerate config).")
+        accelerator.state.fsdp_plugin = plugin
+        engine = DistributedType.FSDP
+    elif os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        plugin = DeepSpeedPlugin()  # the config's `deepspeed_config`, from the variables `accelerate launch` sets
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+        plugin.select(_from_accelerator_state=True)
+        accelerator.state.deepspeed_plugins = plugin
+        engine = DistributedType.DEEPSPEED
+    else:
+        return
+    accelerator.state.distributed_type = engine
+    PartialState._shared_state["distributed_type"] = engine
+
+
+def _build_model(config: StageConfig, model_path: str, processor) -> torch.nn.Module:
+    """The model to train: the checkpoint with the stage's loss weights and its trainable parts (LoRA, token rows)."""
+    model = AutoModel.from_pretrained(model_path, dtype=torch.float32)
+    for name, weight in config.loss_weights.items():
+        if name not in LOSS_WEIGHT_NAMES:
+            raise ValueError(f"loss_weights: {name!r} is not one of {LOSS_WEIGHT_NAMES}")
+        setattr(model.config, name, weight)
+    if config.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    new_token_ids = processor.tokenizer.convert_tokens_to_ids(OISA_SPECIAL_TOKENS) if config.train_new_token_rows else []
+    return apply_training_setup(
+        model,
+        TrainingSetup(
+            train_modules=config.train_modules,
+            llm_lora_rank=config.llm_lora_rank,
+            audio_lora_rank=config.audio_lora_rank,
+            new_token_ids=new_token_ids,
+        ),
+    )
+
+
+def train(
+    config: StageConfig,
+    model_path: str,
+    output_dir: str | Path,
+    data_roots: dict[str, str],
+    max_steps: int | None = None,
+    resume: bool = False,
+    merge: bool = False,
+    full_model: bool = False,
+    cpu: bool = False,
+) -> Path:
+    """
+    Runs one stage; returns the folder of the final model (merged when `merge`). `full_model` refuses, before any
+    training, a stage whose final model would be a PEFT adapter (`train.py --push-to-hub` publishes full models).
+    """
+    output_dir = Path(output_dir)
+    accelerator = Accelerator(
+        mixed_precision="no" if cpu else config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with="tensorboard",
+        project_dir=str(output_dir),
+        cpu=cpu,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    if cpu and accelerator.num_processes > 1:
+        _engine_on_cpu(accelerator)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        # otherwise every process would take itself for the only one and train on the same data
+        raise RuntimeError(
+            f"Launched as {launched} processes but Accelerate sees {accelerator.num_processes}; on a machine without "
+            "GPUs launch with `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N train.py --cpu`."
+        )
+    set_seed(config.seed)
+    processor = AutoProcessor.from_pretrained(model_path)
+    model = _build_model(config, model_path, processor)
+    profile = config.profile or model.config.profile
+    if full_model and not merge and isinstance(model, PeftModel):
+        # unmerged, the final model is saved as a PEFT adapter, which AutoModel cannot load from the Hub
+        raise ValueError(
+            "--push-to-hub publishes a full model: this stage trains through PEFT (LoRA or new token rows), so add "
+            "--merge"
+        )
+
+    sources = build_sources(config, data_roots, processor, profile)
+    records = sum(len(source.records) for source in sources)
+    global_batch = config.per_device_batch_size * accelerator.num_processes * config.gradient_accumulation_steps
+    total_steps = max_steps or config.max_steps or max(math.ceil(config.epochs * records / global_batch), 1)
+
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = get_scheduler(
+        config.lr_scheduler,
+        optimizer,
+        num_warmup_steps=math.ceil(config.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # the stage config sets the batch and the clipping: `prepare` gets no data loader to read the batch from, and
+        # DeepSpeed clips inside its step (`clip_grad_norm_` then only reports the norm)
+        deepspeed_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        deepspeed_config["train_micro_batch_size_per_gpu"] = config.per_device_batch_size
+        deepspeed_config["gradient_clipping"] = config.max_grad_norm
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # FSDP replaces the parameters by sharded ones (DTensors): clip those
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    if accelerator.distributed_type == DistributedType.FSDP:
+        # as DDP's `find_unused_parameters`: a trainable part that one process's samples leave unused (the audio
+        # projector without audio) still joins the gradient reduction, with zeros, instead of desynchronising it
+        model.set_reduce_scatter_unused_params(True)
+    sharded = sum(isinstance(parameter, DTensor) for parameter in model.parameters())
+    logger.info(
+        "distributed: %s, %d processes; model %s, %d of %d parameters sharded",
+        accelerator.distributed_type.value,
+        accelerator.num_processes,
+        type(model).__name__,
+        sharded,
+        len(list(model.parameters())),
+    )
+
+    step, samples_seen = 0, 0
+    checkpoint = _latest_checkpoint(output_dir) if resume else None
+    if checkpoint is not None:
+        state = json.loads((checkpoint / STATE_FILE).read_text())
+        step, samples_seen = state["step"], state["samples_seen_per_process"]
+
+    stream = build_training_stream(
+        sources,
+        config.seed,
+        accelerator.process_index,
+        accelerator.num_processes,
+        config.shuffle_buffer,
+        skip_per_process=samples_seen,
+    )
+    builder = SampleBuilder(sources, OisaTrainingCollator(processor.tokenizer.pad_token_id))
+    loader = DataLoader(
+        stream, batch_size=config.per_device_batch_size, collate_fn=builder, num_workers=0 if cpu else config.num_workers
+    )
+    # the loader's iterator draws from the RNG: create it before the checkpoint's RNG states are restored, as the
+    # uninterrupted run created it before saving them
+    batches = iter(loader)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        logger.info("resumed from %s at step %d", checkpoint, step)
+
+    accelerator.init_trackers("oisa", config={"stage": config.stage, "total_steps": total_steps})
+    progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc="training")
+    model.train()
+    started, samples_since_log, bad_samples, loss_history = time.perf_counter(), 0, 0, []
+    # the losses of the optimizer steps since the last log line, which reports their means
+    window: dict[str, list[torch.Tensor]] = {name: [] for name in LOGGED_LOSSES}
+    failed_in_a_row, last_batch = 0, None
+    # the `source:index` keys this process drew since the last log line
+    drawn: list[str] = []
+    for batch in batches:
+        samples_seen += config.per_device_batch_size
+        bad_samples += int(batch.pop("num_bad_samples"))
+        drawn.extend(batch.pop("sample_keys"))
+        usable = "input_ids" in batch
+        failed_in_a_row = 0 if usable else failed_in_a_row + 1
+        if failed_in_a_row >= 50:
+            raise RuntimeError(f"The last {failed_in_a_row} batches had no usable sample; see the warnings above.")
+        if not usable and (accelerator.num_processes == 1 or last_batch is None):
+            continue
+        # with several processes every one must take part in each step: a rank whose batch was all bad repeats its
+        # last batch with a zero loss
+        batch = {key: value.to(accelerator.device) for key, value in batch.items()} if usable else last_batch
+        last_batch = batch
+        with accelerator.accumulate(model):
+            output = model(**batch)
+            accelerator.backward(output.loss if usable else output.loss * 0.0)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        samples_since_log += batch["input_ids"].shape[0] if usable else 0
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        progress.update(1)
+        for name in LOGGED_LOSSES:
+            if getattr(output, name) is not None:
+                window[name].append(getattr(output, name).detach().float())
+        if step % config.logging_steps == 0 or step == total_steps:
+            elapsed = time.perf_counter() - started
+            logs = {
+                f"loss/{name}": accelerator.reduce(torch.stack(values).mean(), reduction="mean").item()
+                for name, values in window.items()
+                if values
+            }
+            window = {name: [] for name in LOGGED_LOSSES}
+            logs.update(
+                {
+                    "lr": scheduler.get_last_lr()[0],
+                    "samples_per_second": samples_since_log * accelerator.num_processes / elapsed,
+                    "bad_samples": bad_samples,
+                }
+            )
+            if torch.cuda.is_available():
+                logs["memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            accelerator.log(logs, step=step)
+            losses = {key: value for key, value in logs.items() if key.startswith("loss/")}
+            # every process's drawn samples, in process order, so that the data each step saw can be checked
+            loss_history.append({"step": step, **losses, "samples_per_process": gather_object([drawn])})
+            drawn = []
+            progress.set_postfix(loss=f"{logs['loss/loss']:.4f}")
+            logger.info("step %d: %s", step, ", ".join(f"{key} {value:.4g}" for key, value in logs.items()))
+            started, samples_since_log = time.perf_counter(), 0
+        if step % config.save_steps == 0 and step < total_steps:
+            _save_checkpoint(accelerator, output_dir, step, samples_seen)
+        if step >= total_steps:
+            break
+    progress.close()
+
+    final_dir = output_dir / ("final-merged" if merge else "final")
+    total_bad_samples = int(accelerator.reduce(torch.tensor(bad_samples, device=accelerator.device), reduction="sum"))
+    if accelerator.distributed_type == DistributedType.FSDP:
+        # the sharded model cannot be merged or saved as it is: every process takes part in gathering its full state
+        # dict, which the main process loads into an unsharded copy
+        full_state = accelerator.get_state_dict(model)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        trained = accelerator.unwrap_model(model)
+        if accelerator.distributed_type == DistributedType.FSDP:
+            trained = _build_model(config, model_path, processor)
+            trained.load_state_dict(full_state)
+        if merge:
+            trained = merge_training_setup(trained)
+        trained.save_pretrained(final_dir)
+        processor.save_pretrained(final_dir)
+        (final_dir / STATE_FILE).write_text(
+            json.dumps(
+                {
+                    "step": step,
+                    "num_processes": accelerator.num_processes,
+                    "distributed_type": accelerator.distributed_type.value,
+                    "bad_samples": total_bad_samples,
+                    "log_history": loss_history,
+                },
+                indent=1,
+            )
+        )
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return final_dir
