@@ -18,6 +18,7 @@ import argparse
 import logging
 import os
 import platform
+import sys
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from accelerate.utils import InitProcessGroupKwargs
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
-from modeling_oisa import resolve_model_name
+from modeling_oisa import MissingCheckpointError, OisaCheckpointError, resolve_model_name
 from oisa_evaluation.report import compute_metrics, write_report
 from oisa_evaluation.results import ResultWriter, check_output, claim_output, read_results, results_path
 from oisa_evaluation.runner import (
@@ -43,6 +44,8 @@ from oisa_evaluation.runner import (
     video_groups,
 )
 from oisa_hub_cards.model_card import TEMPLATES, parse_card_fields, render_model_card
+from processing_oisa.data.errors import OisaDataError
+from processing_oisa.media import OisaInputError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,6 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-bad", action="store_true", help="skip (and count) records the readers reject")
     parser.add_argument("--max-new-tokens", type=int, default=100, help="answer length, as evaluate.py")
     parser.add_argument("--limit", type=int, help="evaluate only the first N expressions")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error, not only its message")
     parser.add_argument(
         "--card", type=Path, metavar="DIR", help="also write DIR/README.md, a model card with the results"
     )
@@ -95,9 +99,20 @@ def hardware(accelerator: Accelerator) -> str:
     return f"{accelerator.num_processes} process(es), each on {device}"
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None) -> int:
+    """Evaluates; returns 0, 2 for bad input (one line naming the file and the problem) or 3 when nothing scored."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    try:
+        return evaluate(parse_args(argv))
+    except (OisaDataError, OisaInputError, OisaCheckpointError, MissingCheckpointError) as error:
+        if debug:
+            raise
+        logging.getLogger("eval").error("eval.py: %s", error)
+        return 2
+
+
+def evaluate(args: argparse.Namespace) -> int:
     # the barrier after the loop waits for the slowest shard, which can outlast the default 30-minute timeout
     accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=12))])
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -138,10 +153,15 @@ def main(argv: list[str] | None = None) -> None:
                 progress.update()
 
     accelerator.wait_for_everyone()
+    status = 0
     if accelerator.is_main_process:
         metrics = compute_metrics(tasks, read_results(args.out), identity)
         label = f"{Path(args.model).name} ({segmenter.model.config.profile})"
         print(write_report(args.out, metrics, label))
+        if metrics["num_scored"] == 0:
+            # every expression failed: a report of nothing is no result
+            logging.getLogger("eval").error("eval.py: no expression could be scored; see %s", args.out)
+            status = 3
         if args.card is not None:
             run_fields = {"eval_date": date.today().isoformat(), "eval_hardware": hardware(accelerator)}
             card = render_model_card(args.card_template, metrics, **{**run_fields, **fields})
@@ -149,7 +169,8 @@ def main(argv: list[str] | None = None) -> None:
             card.save(args.card / "README.md")
             print(f"model card: {args.card / 'README.md'}")
     accelerator.end_training()
+    return status
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -28,6 +28,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=100)
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuses, before any model work, arguments that would fail later or answer garbage."""
+    import torch
+
+    from processing_oisa.media import OisaInputError
+
+    if args.out.exists() and not args.out.is_dir():
+        raise OisaInputError(f"--out {args.out}: a file, not a folder")
+    if args.text is not None and not args.text.strip():
+        raise OisaInputError("--text is empty: give the expression's words, or leave --text out")
+    for name in ("max_new_tokens", "chunk_size"):
+        if getattr(args, name) < 1:
+            raise OisaInputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as error:
+            raise OisaInputError(f"--device {args.device}: {error}") from error
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise OisaInputError(f"--device {args.device}: this machine has no CUDA device (use --device cpu)")
+
+
 def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -41,17 +63,18 @@ def run(args: argparse.Namespace) -> int:
     from processing_oisa.segmenter import OisaVideoSegmenter
     from processing_oisa.visualization import contact_sheet, overlay_mask
 
+    check_arguments(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16}[args.dtype]
     expression = OisaExpression(text=args.text, speech=args.speech, sound=args.sound, image=args.image,
                                 explain=args.explain)
     expression_type = expression.type
-    reader = VideoReader(args.video)
     if args.model is None:
         args.model = TINY_SYNTHETIC_NAME
         logger.info("no --model given: using %s, the small model trained on synthetic shapes", TINY_SYNTHETIC_NAME)
     model_path = resolve_model_name(args.model)
+    reader = VideoReader(args.video)
     model = AutoModel.from_pretrained(model_path, dtype=dtype).to(device).eval()
     processor = AutoProcessor.from_pretrained(model_path)
     segmenter = OisaVideoSegmenter(model, processor, chunk_size=args.chunk_size, max_new_tokens=args.max_new_tokens)

@@ -19,7 +19,7 @@ from .configuration_oisa import OVERRIDABLE_FIELDS, OisaConfig
 from .deformable_attention import OisaMultiscaleDeformableAttention
 from .losses import point_mask_losses, presence_loss
 from .mask_head import OisaMaskHead, OisaQueryDecoder, OisaQueryDecoderLayer, OisaQueryDecoderOutput
-from .pretrained import OisaCheckpointError, find_original_checkpoint
+from .pretrained import OisaCheckpointError, check_model_folder, find_original_checkpoint
 from .vision_adapter import OisaViTAdapter
 
 
@@ -245,6 +245,9 @@ class OisaForReferringSegmentation(OisaPreTrainedModel, GenerationMixin):
         """
         original_dir = None
         if pretrained_model_name_or_path is not None:
+            if os.path.isdir(pretrained_model_name_or_path):
+                # one message naming the file, before transformers fails deeper or loads the folder wrongly
+                check_model_folder(pretrained_model_name_or_path, config_given=kwargs.get("config") is not None)
             download_kwargs = {name: value for name, value in kwargs.items() if name != "config"}
             original_dir = find_original_checkpoint(
                 pretrained_model_name_or_path, kwargs.get("config"), **download_kwargs

@@ -2,9 +2,10 @@
 
 import json
 import os
+import struct
 from pathlib import Path
 
-from huggingface_hub import snapshot_download
+from huggingface_hub import constants, snapshot_download, try_to_load_from_cache
 from transformers.utils import cached_file
 
 from .configuration_oisa import ORIGINAL_MODEL_TYPE, OisaOriginalConfig
@@ -20,7 +21,14 @@ class MissingCheckpointError(FileNotFoundError):
 
 
 class OisaCheckpointError(ValueError):
-    """An original checkpoint cannot be converted exactly: unreadable file, unknown or missing key, wrong shape."""
+    """
+    A checkpoint cannot be loaded or converted: no such folder or repo, unreadable or truncated file, another model
+    type, pickle-only weights, or, for an original checkpoint, an unknown or missing key or a wrong shape.
+    """
+
+
+# model types a folder may declare: ours, and the original's, which is converted on load
+LOADABLE_MODEL_TYPES = ("oisa", ORIGINAL_MODEL_TYPE)
 
 
 def tiny_synthetic_path() -> Path:
@@ -38,10 +46,98 @@ def tiny_synthetic_path() -> Path:
 
 
 def resolve_model_name(name_or_path: str) -> str:
-    """A shipped checkpoint's name (`oisa-tiny-synthetic`) -> its folder; any other folder or Hub id unchanged."""
+    """
+    A shipped checkpoint's name (`oisa-tiny-synthetic`) -> its folder; any other folder or Hub id unchanged, after
+    checking that it can be loaded (see [`check_model_folder`]): a path that is no folder, or a Hub id that is not in
+    the cache while offline, fails at once rather than after the Hub's retries.
+    """
     if name_or_path == TINY_SYNTHETIC_NAME:
         return str(tiny_synthetic_path())
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        check_model_folder(path)
+        return str(path)
+    if path.exists():
+        raise OisaCheckpointError(f"{name_or_path}: a file, not a model folder")
+    if not _is_repo_id(name_or_path):
+        raise OisaCheckpointError(
+            f"{name_or_path}: no such model folder, nor a Hub repo id (owner/name); the shipped model is "
+            f"{TINY_SYNTHETIC_NAME}"
+        )
+    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+        raise OisaCheckpointError(
+            f"{name_or_path}: no such local folder, and the Hub repo is not in the cache (offline: HF_HUB_OFFLINE=1)"
+        )
     return name_or_path
+
+
+def _is_repo_id(name: str) -> bool:
+    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+    parts = name.split("/")
+    return len(parts) == 2 and all(part and set(part) <= allowed for part in parts)
+
+
+def check_model_folder(folder: str | os.PathLike, config_given: bool = False) -> None:
+    """
+    Refuses, with one message naming the file, a local folder that `from_pretrained` would fail on later or load
+    wrongly: no or unreadable `config.json` (unless `config_given`), another `model_type`, no weights, pickle-only
+    weights (never unpickled), a safetensors file that is truncated or corrupt.
+    """
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    model_type = "oisa"
+    if config_path.is_file() or not config_given:
+        if not config_path.is_file():
+            contents = "empty" if not any(folder.iterdir()) else "no config.json"
+            raise OisaCheckpointError(f"{folder}: not a model folder ({contents})")
+        try:
+            model_type = json.loads(config_path.read_text()).get("model_type")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as error:
+            raise OisaCheckpointError(f"{config_path}: not a readable JSON config ({error})") from error
+    if model_type not in LOADABLE_MODEL_TYPES:
+        raise OisaCheckpointError(
+            f"{config_path}: model_type {model_type!r} is not OISA (expected one of {', '.join(LOADABLE_MODEL_TYPES)})"
+        )
+    safetensors = sorted(folder.glob("*.safetensors"))
+    if not safetensors:
+        pickled = sorted(path.name for path in folder.iterdir() if path.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        if pickled and model_type != ORIGINAL_MODEL_TYPE:
+            raise OisaCheckpointError(
+                f"{folder}: only pickle weights ({', '.join(pickled)}), which are never unpickled here; save the model "
+                "with save_pretrained (safetensors)"
+            )
+        if not pickled:
+            raise OisaCheckpointError(f"{folder}: no weights (*.safetensors)")
+    index_path = folder / "model.safetensors.index.json"
+    if index_path.is_file():
+        try:
+            shards = set(json.loads(index_path.read_text())["weight_map"].values())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, AttributeError) as error:
+            raise OisaCheckpointError(f"{index_path}: not a readable shard index ({error})") from error
+        missing = sorted(name for name in shards if not (folder / name).is_file())
+        if missing:
+            raise OisaCheckpointError(f"{index_path}: names shards that are not in the folder: {', '.join(missing)}")
+    for path in safetensors:
+        check_safetensors_file(path)
+
+
+def check_safetensors_file(path: str | os.PathLike) -> None:
+    """Refuses a safetensors file whose header is unreadable or whose size is not what its header says (truncated)."""
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as file:
+            (header_size,) = struct.unpack("<Q", file.read(8))
+            if header_size > size - 8:
+                raise ValueError(f"header of {header_size} bytes in a file of {size}")
+            header = json.loads(file.read(header_size))
+        end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    except (OSError, struct.error, ValueError, KeyError, TypeError, IndexError) as error:
+        raise OisaCheckpointError(f"{path}: not a readable safetensors file ({error})") from error
+    if size != 8 + header_size + end:
+        raise OisaCheckpointError(
+            f"{path}: truncated or corrupt safetensors file ({size} bytes, its header describes {8 + header_size + end})"
+        )
 
 
 def is_original_checkpoint_dir(directory: str | os.PathLike) -> bool:

@@ -182,6 +182,8 @@ def make_synthetic_dataset(
         raise ValueError(f"split must be one of {sorted(set(cycle))} for {format}, got {split!r}")
     split_cycle = cycle if split is None else (split,)
     root = Path(out_dir)
+    if root.exists() and not root.is_dir():
+        raise FileExistsError(f"{root} is a file; the synthetic dataset needs a new folder")
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"{root} is not empty; the synthetic dataset needs a new folder")
     speaks = format in ("omniavs", "audio_text") or spoken_question_rate > 0

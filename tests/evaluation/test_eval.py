@@ -37,16 +37,16 @@ def _load_script():
 eval_script = _load_script()
 
 
-def run_eval(*args: str) -> None:
+def run_eval(*args: str, status: int = 0) -> None:
     """
     One process, in this interpreter (saves the start-up of a new one), on one thread like each process that torchrun
     starts: sums over a different number of threads may differ in the last bits, which can move a probability across
-    a threshold, so only runs with the same threads per process are compared.
+    a threshold, so only runs with the same threads per process are compared. `status`: the exit code it must return.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        eval_script.main([*map(str, args), *FAST])
+        assert eval_script.main([*map(str, args), *FAST]) == status
     finally:
         torch.set_num_threads(threads)
 
@@ -185,15 +185,30 @@ def test_a_run_with_other_behaviour_does_not_mix_into_old_results(model_dir, omn
                  "--profile", "fixed")
 
 
-def test_failures_are_recorded_and_counted(tmp_path, model_dir, omniavs_root):
+def test_a_run_where_every_expression_failed_is_no_result(tmp_path, model_dir, omniavs_root, caplog):
+    data = tmp_path / "data"
+    shutil.copytree(omniavs_root, data)
+    # every video's soundtrack corrupt: every expression fails, and the run says so with a non-zero exit code
+    for soundtrack in (data / "audios").glob("*.mp3"):
+        soundtrack.write_bytes(b"not an mp3")
+    run_eval("--model", model_dir, "--dataset", "omniavs", "--data-root", data, "--out", tmp_path / "out", status=3)
+    assert metrics(tmp_path / "out")["num_scored"] == 0
+    assert "eval.py: no expression could be scored" in caplog.text
+
+
+def test_failures_are_recorded_and_counted(tmp_path, model_dir, omniavs_root, caplog):
     data = tmp_path / "data"
     shutil.copytree(omniavs_root, data)
     # a corrupt speech file fails at inference; a missing image makes the reader reject its record
     (data / "referrings" / "referring_speeches" / "video0000_1.wav").write_bytes(b"not a wav file")
     (data / "referrings" / "referring_images" / "video0001_4.png").unlink()
     common = ["--model", model_dir, "--dataset", "omniavs", "--data-root", data]
+    # without --skip-bad the reader's error is the run's one line, exit code 2
+    run_eval(*common, "--out", tmp_path / "strict", status=2)
+    (message,) = [record.getMessage() for record in caplog.records if record.name == "eval"]
+    assert message.startswith("eval.py: ") and "video0001_4.png" in message
     with pytest.raises(OisaDataError, match="video0001_4.png"):
-        run_eval(*common, "--out", tmp_path / "strict")
+        run_eval(*common, "--out", tmp_path / "strict", "--debug")
 
     run_eval(*common, "--out", tmp_path / "out", "--skip-bad")
     result = metrics(tmp_path / "out")
