@@ -41,6 +41,9 @@ CHECKPOINT_FILES = (
 )
 
 
+pytestmark = pytest.mark.reference
+
+
 # config.json of OISA-1B as the original writes it (spec/model.md §6.1), reduced to the fields conversion reads
 ORIGINAL_1B_CONFIG = {
     "model_type": "internvl_chat",

@@ -280,6 +280,7 @@ def test_omniavs_unknown_object_and_video(tmp_path):
 # ---------------------------------------------------------------- Ref-AVS
 
 
+@pytest.mark.reference
 def test_real_refavs_metadata_split_and_null_counts():
     expected = {
         "train": (14113, 608),

@@ -38,6 +38,9 @@ FRAME_LINE = re.compile(
 )
 
 
+pytestmark = pytest.mark.reference
+
+
 @pytest.fixture(scope="module")
 def golden():
     return np.load(TINY_ORIGINAL / "golden.npz")

@@ -23,6 +23,9 @@ from modeling_oisa.losses import point_mask_losses
 from ..conftest import SHARED
 
 
+pytestmark = pytest.mark.reference
+
+
 TINY_ORIGINAL = Path(os.environ.get("OISA_REFERENCE_DIR", SHARED / "reference")) / "tiny_original"
 STATE_TOL = 2e-5
 MASK_TOL = 2e-4

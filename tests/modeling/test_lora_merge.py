@@ -16,6 +16,9 @@ from modeling_oisa.conversion.original import merge_lora
 from ..conversion.test_conversion import TINY_ORIGINAL, copy_original
 
 
+pytestmark = pytest.mark.reference
+
+
 BACKBONE_LORA_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 BACKBONE_SCALE = 2.0
 LAYER_MODULE = re.compile(r"^vision_model\.encoder\.layers\.\d+\.(.+)$")
