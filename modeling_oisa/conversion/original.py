@@ -31,7 +31,7 @@ from ..configuration_oisa import (
     SUB_CONFIG_CLASSES,
     OisaConfig,
 )
-from ..pretrained import OisaCheckpointError, find_original_checkpoint
+from ..pretrained import OisaCheckpointError, find_original_checkpoint, resolve_model_name
 
 
 logger = logging.get_logger(__name__)
@@ -962,10 +962,13 @@ def convert_original_checkpoint(
     """
     top_overrides, sub_overrides = split_config_overrides(config_overrides or {})
     overrides = {**top_overrides, **{name: fields for name, fields in sub_overrides.items() if fields}}
+    # a missing folder, a malformed config or truncated weights: one message naming the file, before any download
+    resolve_model_name(str(src))
     directory = find_original_checkpoint(src, **download_kwargs)
     if directory is None:
         raise OisaCheckpointError(
-            f"{src} is not an original OISA checkpoint (config.json with model_type internvl_chat)."
+            f"{src} is not an original OISA checkpoint (config.json with model_type {ORIGINAL_MODEL_TYPE}); a folder "
+            "in OISA's format (model_type oisa) needs no conversion"
         )
     # AutoModel routes the original folder to OisaForReferringSegmentation, which converts it (the model module
     # imports this one on demand, so this one does not import the model)

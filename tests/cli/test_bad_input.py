@@ -190,3 +190,19 @@ def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(tmp_path)
     )
     assert loud.returncode == 1 and "Traceback" in loud.stderr and "KeyError: 'boom'" in loud.stderr
 
+
+
+def test_convert_names_a_missing_folder_and_a_malformed_config(tmp_path, caplog):
+    assert oisa_main(["convert", str(tmp_path / "no-such-checkpoint"), str(tmp_path / "out")]) == 2
+    assert "no-such-checkpoint: no such model folder" in caplog.text
+    original = tmp_path / "original"
+    original.mkdir()
+    (original / "config.json").write_text('{"model_type": "internvl_chat", ')
+    caplog.clear()
+    assert oisa_main(["convert", str(original), str(tmp_path / "out")]) == 2
+    assert "config.json: not a readable JSON config" in caplog.text
+
+
+def test_convert_says_an_oisa_folder_needs_no_conversion(model_dir, tmp_path, caplog):
+    assert oisa_main(["convert", str(model_dir), str(tmp_path / "out")]) == 2
+    assert "needs no conversion" in caplog.text
