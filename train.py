@@ -13,13 +13,17 @@ stage). The accelerate configs in configs/accelerate/ give DDP, FSDP and DeepSpe
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
+import torch
 from accelerate import PartialState
 
 import processing_oisa  # noqa: F401  (registers the processor)
-from modeling_oisa import resolve_model_name
+from modeling_oisa import MissingCheckpointError, OisaCheckpointError, resolve_model_name
 from oisa_training.loop import STATE_FILE, StageConfig, train
+from processing_oisa.data.errors import OisaDataError
+from processing_oisa.media import OisaInputError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,7 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
     parser.add_argument("--merge", action="store_true", help="fold LoRA into the weights of the final model")
     parser.add_argument("--push-to-hub", metavar="REPO", help="upload the final model and processor")
-    parser.add_argument("--cpu", action="store_true", help="train on CPU in float32")
+    parser.add_argument("--cpu", action="store_true", help="train on CPU in float32 (the default without a GPU)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error, not only its message")
     return parser.parse_args(argv)
 
 
@@ -47,10 +52,26 @@ def publish(final: Path, repo_id: str, config: StageConfig, base_model: str, dat
     publish_checkpoint(final, repo_id, base_model=base_model, training=training)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Trains one stage; returns 0, or 2 for bad input (one line naming the file and the problem)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = parse_args(argv)
+    try:
+        run(args)
+    except (OisaDataError, OisaInputError, OisaCheckpointError, MissingCheckpointError) as error:
+        if args.debug:
+            raise
+        logging.getLogger("train").error("train.py: %s", error)
+        return 2
+    return 0
+
+
+def run(args: argparse.Namespace) -> None:
     data_roots = dict(item.split("=", 1) for item in args.data)
+    if not args.cpu and not torch.cuda.is_available():
+        # a stage's bf16 autocast and data workers are for GPUs: on a CPU they only cost time
+        logging.getLogger("train").warning("no GPU here: training on the CPU in float32, as with --cpu")
+        args.cpu = True
     config = StageConfig.from_file(args.config)
     model_path = resolve_model_name(args.model)
     final = train(
@@ -70,4 +91,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
