@@ -9,7 +9,7 @@ where this package is not installed) and the model card. `upload_to_hub` then ma
 
 from __future__ import annotations
 
-import ast
+import filecmp
 import json
 import logging
 import math
@@ -42,8 +42,6 @@ PROCESSOR_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-# where the remote code's modules come from when the checkpoint folder lacks them
-CODE_DIRS = (Path(__file__).resolve().parents[1] / "modeling_oisa", Path(__file__).resolve().parent)
 PACKAGES = ("modeling_oisa", "processing_oisa", "oisa_kernels")
 # a new upload must not leave the previous one's shards or code files beside its own
 REPLACED_ON_UPLOAD = ("*.safetensors", "*.safetensors.index.json", "*.py")
@@ -92,8 +90,8 @@ def prepare_upload_folder(
     Writes the Hub repo's files for the checkpoint in `model_dir` to `out_dir` (new or empty) and returns their names.
 
     Training leftovers (optimizer state, `trainer_state.json`, logs) stay behind. A checkpoint saved without its
-    processor (`oisa convert` writes only the tokenizer) gets one built from its config and tokenizer. Code files the
-    folder lacks are taken from this package.
+    processor (`oisa convert` writes only the tokenizer) gets one built from its config and tokenizer. The code is
+    this package's, as `save_pretrained` writes it, whatever code files the folder holds.
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     _read_model_config(model_dir)
@@ -267,64 +265,42 @@ def _save_processor(model_dir: Path, out_dir: Path) -> None:
 
 
 def _copy_remote_code(model_dir: Path, out_dir: Path) -> None:
-    """Copies into `out_dir` the modules its auto_map entries name and, transitively, their relative imports."""
-    pending = [(module, "auto_map") for module in sorted(_auto_map_modules(out_dir))]
-    done: set[str] = set()
-    while pending:
-        module, importer = pending.pop()
-        if module in done:
-            continue
-        done.add(module)
-        target = out_dir / f"{module}.py"
-        if not target.is_file():
-            # the checkpoint's own copy matches the code its config was written with; the package's fills gaps
-            sources = [model_dir / target.name, *(folder / target.name for folder in CODE_DIRS)]
-            source = next((path for path in sources if path.is_file()), None)
-            if source is None:
-                raise PublishError(
-                    f"the remote code needs {target.name} (imported by {importer}), which is neither in {model_dir} "
-                    "nor in the oisa package"
-                )
-            shutil.copy2(source, target)
-        pending += [(name, target.name) for name in _relative_imports(target)]
+    """
+    Writes into `out_dir` the module of each class its auto_map entries name and, transitively, their relative imports,
+    with transformers' `custom_object_save` (as `save_pretrained` does): the code is this package's.
+    """
+    from transformers.dynamic_module_utils import custom_object_save
+
+    from modeling_oisa import OisaConfig, OisaForReferringSegmentation
+    from processing_oisa import OisaProcessor
+
+    classes = {
+        f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}": cls
+        for cls in (OisaConfig, OisaForReferringSegmentation, OisaProcessor)
+    }
+    written: set[Path] = set()
+    for reference in sorted(_auto_map_references(out_dir)):
+        if reference not in classes:
+            raise PublishError(
+                f"the auto_map names {reference}, which is not a class of the oisa package "
+                f"({', '.join(sorted(classes))}), so its code cannot be uploaded"
+            )
+        written.update(custom_object_save(classes[reference], out_dir))
+    for path in sorted(written):
+        own = model_dir / path.name
+        if own.is_file() and not filecmp.cmp(own, path, shallow=False):
+            logger.warning("%s differs from the oisa package's copy, which the upload carries", own)
 
 
-def _auto_map_modules(folder: Path) -> set[str]:
-    modules: set[str] = set()
-
-    def visit(value: Any) -> None:
-        if isinstance(value, dict):
-            for key, item in value.items():
-                if key == "auto_map":
-                    entries = [entry if isinstance(entry, list) else [entry] for entry in item.values()]
-                    references = [reference for entry in entries for reference in entry]
-                    # "owner/repo--module.Class" points at another repo's code, which this upload need not carry
-                    modules.update(ref.rsplit(".", 1)[0] for ref in references if ref and "--" not in ref)
-                else:
-                    visit(item)
-
+def _auto_map_references(folder: Path) -> set[str]:
+    """The `module.Class` references of the auto_map in each JSON file of `folder`."""
+    references: set[str] = set()
     for path in sorted(folder.glob("*.json")):
         try:
-            visit(json.loads(path.read_text()))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise PublishError(f"{path}: not valid JSON ({error})") from error
-    return modules
-
-
-def _relative_imports(path: Path) -> list[str]:
-    try:
-        tree = ast.parse(path.read_text(), filename=str(path))
-    except SyntaxError as error:
-        raise PublishError(f"{path}: not valid Python ({error})") from error
-    modules = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level:
-            if node.level > 1:
-                # transformers copies remote code flat: a parent-package import cannot resolve on the Hub
-                statement = f"from {'.' * node.level}{node.module or ''} import"
-                raise PublishError(f"{path}: `{statement}` reaches outside its folder")
-            if node.module:
-                modules.append(node.module.split(".")[0])
-            else:
-                modules += [alias.name for alias in node.names]
-    return modules
+            auto_map = json.loads(path.read_text()).get("auto_map", {})
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+            raise PublishError(f"{path}: not a JSON object ({error})") from error
+        for entry in auto_map.values():
+            # a tokenizer's entry is a [slow, fast] pair; "owner/repo--module.Class" is another repo's code
+            references.update(ref for ref in (entry if isinstance(entry, list) else [entry]) if ref and "--" not in ref)
+    return references

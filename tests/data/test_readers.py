@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import soundfile
 from PIL import Image
+from pycocotools import mask as coco_mask
 
 from processing_oisa.data.errors import OisaDataError, resolve_inside
 from processing_oisa.data.omniavs import EXPRESSION_TYPES, OmniAVSReader
@@ -81,6 +82,28 @@ def test_rle_round_trips_and_list_form_is_column_major():
     # Column-major runs starting with background: column 0 = [0, 1], column 1 = [1, 1].
     assert encode_rle(np.array([[0, 1], [1, 1]]), compressed=False)["counts"] == [1, 3]
     assert encode_rle(np.ones((2, 2)), compressed=False)["counts"] == [0, 4]
+
+
+def test_rle_equals_pycocotools_on_random_masks():
+    rng = np.random.default_rng(0)
+    for shape in [(1, 1), (1, 9), (9, 1), (3, 5), (17, 31), (96, 128), (2, 70000)]:
+        blob = np.zeros(shape, dtype=bool)
+        blob[shape[0] // 4 : 3 * shape[0] // 4 + 1, shape[1] // 3 : 2 * shape[1] // 3 + 1] = True
+        corner = np.zeros(shape, dtype=bool)
+        corner[-1, -1] = True  # one run as long as the mask: a value of many characters
+        for mask in (np.zeros(shape, bool), np.ones(shape, bool), blob, ~blob, corner, rng.random(shape) < 0.5,
+                     rng.random(shape) < 0.03):
+            # the same mask in C and Fortran order, as a strided view, and as nonzero uint8
+            wide = np.zeros((shape[0], 2 * shape[1]), dtype=bool)
+            wide[:, ::2] = mask
+            for given in (mask, np.asfortranarray(mask), wide[:, ::2], 255 * mask.astype(np.uint8)):
+                theirs = coco_mask.encode(np.asfortranarray(given != 0, dtype=np.uint8))
+                ours = encode_rle(given)
+                assert ours == {"size": theirs["size"], "counts": theirs["counts"].decode("ascii")}
+                runs = encode_rle(given, compressed=False)
+                assert coco_mask.frPyObjects(runs, *shape)["counts"] == theirs["counts"]
+                for decoded in (decode_rle(theirs), decode_rle(runs), coco_mask.decode(ours)):
+                    assert np.array_equal(decoded, mask)
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,7 @@ import yaml
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
+from modeling_oisa import tiny_synthetic_path
 from modeling_oisa.configuration_oisa import PROFILE_SWITCHES
 from oisa_cli.main import main as oisa_main
 from oisa_evaluation.report import compute_metrics
@@ -35,7 +36,7 @@ from oisa_hub_cards.model_card import (
     parse_card_fields,
     render_model_card,
 )
-from oisa_hub_cards.publish import PublishError, checkpoint_card_fields, prepare_upload_folder
+from oisa_hub_cards.publish import PublishError, checkpoint_card_fields, prepare_upload_folder, verify_remote_code
 from processing_oisa.metrics.refavs import expression_stats
 from processing_oisa.prompts import EXPRESSION_TYPES
 
@@ -207,15 +208,25 @@ def test_bad_input_gets_one_clear_error(tmp_path, checkpoint, config):
     (tmp_path / "full" / "file").write_text("")
     with pytest.raises(PublishError, match="full: the upload folder must be new or empty"):
         prepare_upload_folder(checkpoint, tmp_path / "full", card)
+    # an auto_map naming code this package does not have
+    foreign = tmp_path / "foreign"
+    shutil.copytree(checkpoint, foreign)
+    foreign_config = {**config, "auto_map": {**config["auto_map"], "AutoModel": "modeling_other.OtherModel"}}
+    (foreign / "config.json").write_text(json.dumps(foreign_config))
+    with pytest.raises(PublishError, match=r"auto_map names modeling_other\.OtherModel, which is not a class of"):
+        prepare_upload_folder(foreign, tmp_path / "foreign-upload", card)
 
 
-def test_upload_folder_is_complete_and_loads_without_the_package(tmp_path, checkpoint):
-    # a checkpoint without its processor (as `oisa convert` writes) and missing one code file, with training leftovers
+def test_upload_folder_is_complete_and_loads_without_the_package(tmp_path, checkpoint, caplog):
+    # a checkpoint without its processor (as `oisa convert` writes), missing code files and with a stale one, with
+    # training leftovers
     model_dir = tmp_path / "model"
     shutil.copytree(checkpoint, model_dir)
     for name in ("processor_config.json", "processing_oisa.py", "media.py", "prompts.py", "chat_template.jinja",
                  "mask_head.py"):
         (model_dir / name).unlink()
+    for name in ("losses.py", "configuration_oisa.py"):  # the second is imported by two auto_map modules
+        (model_dir / name).write_text("raise ImportError('a stale copy')\n")
     (model_dir / "trainer_state.json").write_text("{}")
     (model_dir / "optimizer.pt").write_bytes(b"state")
     card = render_model_card("oisa-tiny-synthetic", None, **checkpoint_card_fields(model_dir, "someone/oisa-tiny"))
@@ -224,6 +235,12 @@ def test_upload_folder_is_complete_and_loads_without_the_package(tmp_path, check
     assert set(names) == code | {"README.md", "config.json", "generation_config.json", "model.safetensors",
                                  "processor_config.json", "tokenizer.json", "tokenizer_config.json",
                                  "chat_template.jinja"}
+    # the upload carries the package's code, as save_pretrained writes it, and says so where the checkpoint's differs
+    for name in ("losses.py", "configuration_oisa.py"):
+        assert (tmp_path / "upload" / name).read_text() == (checkpoint / name).read_text()
+    differ = [record.getMessage() for record in caplog.records if "differs" in record.getMessage()]
+    assert differ == [f"{model_dir / name} differs from the oisa package's copy, which the upload carries"
+                      for name in ("configuration_oisa.py", "losses.py")]
     assert "3,093,234 parameters" in (tmp_path / "upload" / "README.md").read_text()
 
     script = textwrap.dedent(
@@ -256,6 +273,16 @@ def test_upload_folder_is_complete_and_loads_without_the_package(tmp_path, check
                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OisaForReferringSegmentation OisaProcessor (1, 3, 400)" in result.stdout
+
+
+def test_a_checkpoint_without_code_files_gets_the_packages(tmp_path):
+    # the shipped checkpoint holds no code: the upload gets the package's modelling and processing modules
+    model_dir = tiny_synthetic_path()
+    assert not list(model_dir.glob("*.py"))
+    card = render_model_card("oisa-tiny-synthetic", None, **checkpoint_card_fields(model_dir, "someone/oisa-tiny"))
+    names = prepare_upload_folder(model_dir, tmp_path / "upload", card)
+    assert {"configuration_oisa.py", "modeling_oisa.py", "mask_head.py", "processing_oisa.py", "media.py"} <= set(names)
+    verify_remote_code(tmp_path / "upload")
 
 
 def test_oisa_push_creates_the_repo_and_uploads_the_folder(tmp_path, checkpoint, omniavs_metrics):
