@@ -19,6 +19,12 @@ logger = logging.getLogger(__name__)
 SAMPLING_RATE = 16000
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 AUDIO_LAYOUTS = {1: "mono", 2: "stereo"}  # channels of a waveform `write_video` encodes
+# audio decoded past a cut so that the resampler's filter sees what follows it: the samples kept are then those of a
+# whole decode (soxr "HQ" needs under 0.1 s between 8 and 96 kHz)
+RESAMPLER_MARGIN_SECONDS = 1.0
+# time base of the frame times `write_video` is given: 24, 25, 30, 50, 60 fps and their NTSC variants 30000/1001 and
+# 60000/1001 fall on it exactly, and MPEG-4 Part 2 accepts it (denominator under 2**16)
+TIMESTAMP_BASE = Fraction(1, 60000)
 
 
 class OisaInputError(ValueError):
@@ -39,36 +45,91 @@ def _open_container(path: Path, what: str) -> av.container.InputContainer:
         raise OisaInputError(f"{what} {path} is not a readable media file ({error}).") from error
 
 
-def decode_audio(path: str | Path, sampling_rate: int = SAMPLING_RATE, what: str = "Audio file") -> np.ndarray:
+def check_waveform(waveform: np.ndarray, source: str) -> np.ndarray:
+    """
+    `waveform` as float32 once it is known to be audio: float samples (integer PCM is refused), (samples,) or
+    (channels, samples), at least one sample, none NaN or infinite. `source` names it in the error, e.g.
+    "Speech clip.wav" or "The speech waveform".
+    """
+    array = np.asarray(waveform)
+    if array.dtype.kind in "iu":
+        raise OisaInputError(
+            f"{source} holds integer samples ({array.dtype}); convert them to float in [-1, 1] first "
+            "(int16 PCM: divide by 32768)."
+        )
+    if array.dtype.kind != "f":
+        raise OisaInputError(f"{source} holds {array.dtype} values, not float audio samples.")
+    if array.ndim not in (1, 2):
+        raise OisaInputError(f"{source} has shape {array.shape}; a waveform is (samples,) or (channels, samples).")
+    if array.size == 0:
+        raise OisaInputError(f"{source} has no audio samples.")
+    finite = np.isfinite(array)
+    if not finite.all():
+        raise OisaInputError(
+            f"{source} holds non-finite samples (NaN or infinity): {array.size - np.count_nonzero(finite)} "
+            f"of {array.size}."
+        )
+    return array.astype(np.float32, copy=False)
+
+
+def _mono(frame: av.AudioFrame) -> np.ndarray:
+    """A packed float frame's channels averaged as `librosa.to_mono` averages soundfile's (samples, channels)."""
+    channels = frame.layout.nb_channels
+    return frame.to_ndarray().reshape(-1, channels).T.mean(axis=0)
+
+
+def decode_audio(
+    path: str | Path,
+    sampling_rate: int = SAMPLING_RATE,
+    what: str = "Audio file",
+    max_seconds: float | None = None,
+) -> np.ndarray:
     """
     The first audio stream of any file PyAV reads (wav, flac, mp3, ogg, mp4, mkv...) as float32 mono at
     `sampling_rate`: channels are averaged, then resampled by [`resample_audio`], as the original's
-    `librosa.load(path, sr=16000)` does.
+    `librosa.load(path, sr=16000)` does. With `max_seconds`, decoding stops soon after that time and the result is
+    the first `max_seconds` of the whole file's, sample for sample (with a warning when the file is longer). A file
+    that breaks off is used up to the break, with a warning; one holding NaN or infinite samples is refused.
     """
+    if max_seconds is not None and max_seconds <= 0:
+        raise ValueError(f"`max_seconds` must be positive; got {max_seconds}.")
     path = _require_file(path, what)
     container = _open_container(path, what)
     with container:
         if not container.streams.audio:
             raise OisaInputError(f"{what} {path} has no audio stream.")
         stream = container.streams.audio[0]
-        # planar float at the stream's own rate and layout, whatever the codec's sample format
-        converter = av.AudioResampler(format="fltp", layout=stream.layout.name, rate=stream.rate)
+        source_rate = stream.rate
+        limit = None if max_seconds is None else math.ceil((max_seconds + RESAMPLER_MARGIN_SECONDS) * source_rate)
+        # packed float at the stream's own rate and layout, whatever the codec's sample format: one plane, since
+        # PyAV reads at most 8 planes (planar audio of 8 channels or more crashed it)
+        converter = av.AudioResampler(format="flt", layout=stream.layout.name, rate=source_rate)
         chunks = []
+        num_samples = 0
         try:
             for frame in container.decode(stream):
                 for converted in converter.resample(frame):
-                    chunks.append(converted.to_ndarray())
-            for converted in converter.resample(None):
-                chunks.append(converted.to_ndarray())
+                    chunks.append(_mono(converted))
+                    num_samples += chunks[-1].size
+                if limit is not None and num_samples >= limit:
+                    break
+            else:
+                chunks.extend(_mono(converted) for converted in converter.resample(None))
         except av.error.FFmpegError as error:
-            raise OisaInputError(f"{what} {path} is truncated or corrupt ({error}).") from error
-        source_rate = stream.rate
-    if not chunks:
-        raise OisaInputError(f"{what} {path} has no audio samples.")
-    waveform = np.concatenate(chunks, axis=1).mean(axis=0)
-    if waveform.size == 0:
-        raise OisaInputError(f"{what} {path} has no audio samples.")
-    return resample_audio(waveform, source_rate, sampling_rate)
+            if not chunks:
+                raise OisaInputError(f"{what} {path} is truncated or corrupt ({error}).") from error
+            logger.warning(
+                "%s %s breaks off after %.2f s (%s); only what precedes is used.",
+                what, path, num_samples / source_rate, error,
+            )
+    waveform = check_waveform(np.concatenate(chunks) if chunks else np.zeros(0, np.float32), f"{what} {path}")
+    waveform = resample_audio(waveform, source_rate, sampling_rate)
+    if max_seconds is None:
+        return waveform
+    kept = math.ceil(max_seconds * sampling_rate)
+    if waveform.size > kept:
+        logger.warning("%s %s lasts more than %g s; only its first %g s are used.", what, path, max_seconds, max_seconds)
+    return waveform[:kept]
 
 
 def resample_audio(waveform: np.ndarray, source_rate: int, target_rate: int = SAMPLING_RATE) -> np.ndarray:
@@ -88,6 +149,12 @@ def resample_audio(waveform: np.ndarray, source_rate: int, target_rate: int = SA
     return resampled[:length]
 
 
+def check_image(image: Image.Image, source: str) -> None:
+    """Refuses an image with no pixels (a side of 0); `source` names it in the error."""
+    if image.width == 0 or image.height == 0:
+        raise OisaInputError(f"{source} is {image.width}x{image.height} pixels: it has no pixels.")
+
+
 def load_image(path: str | Path, what: str = "Image") -> Image.Image:
     """An image file as RGB."""
     path = _require_file(path, what)
@@ -98,13 +165,25 @@ def load_image(path: str | Path, what: str = "Image") -> Image.Image:
         raise OisaInputError(f"{what} {path} is not a readable image ({error}).") from error
 
 
+def _image_size(path: Path, what: str) -> tuple[int, int]:
+    """(width, height) from an image file's header, without decoding it."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (UnidentifiedImageError, OSError) as error:
+        raise OisaInputError(f"{what} {path} is not a readable image ({error}).") from error
+
+
 def _natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 @dataclass
 class VideoInfo:
-    """What a video holds: frame count, frame times in seconds, frame size (height, width) and duration."""
+    """
+    What a video holds: frame count, the source's frame times in seconds (irregular in a variable-frame-rate video),
+    frame size (height, width) and duration (the last frame's time plus the mean frame interval).
+    """
 
     num_frames: int
     timestamps: list[float]
@@ -116,8 +195,9 @@ class VideoInfo:
 
 class VideoReader:
     """
-    Frames of a video file (any container PyAV reads) or of a folder of images, in order, decoded as a stream: a
-    pass over the file holds one frame at a time plus the frames asked for.
+    Frames of a video file (any container PyAV reads) or of a folder of images of one size, in order, decoded as a
+    stream: a pass over the file holds one frame at a time plus the frames asked for. A file that breaks off is read
+    up to the break, with one warning, and every read then stops there.
     """
 
     def __init__(self, path: str | Path, fps_for_folders: float = 1.0):
@@ -135,10 +215,17 @@ class VideoReader:
 
     def _probe(self) -> VideoInfo:
         if self.is_folder:
-            first = load_image(self.frame_paths[0], "Frame")
+            width, height = _image_size(self.frame_paths[0], "Frame")
+            for frame_path in self.frame_paths[1:]:
+                size = _image_size(frame_path, "Frame")
+                if size != (width, height):
+                    raise OisaInputError(
+                        f"Frame {frame_path} is {size[0]}x{size[1]} but the frames before it in {self.path} are "
+                        f"{width}x{height}; the frames of a video must all have one size."
+                    )
             count = len(self.frame_paths)
             timestamps = [index / self.fps_for_folders for index in range(count)]
-            return VideoInfo(count, timestamps, first.height, first.width, count / self.fps_for_folders, False)
+            return VideoInfo(count, timestamps, height, width, count / self.fps_for_folders, False)
         container = _open_container(self.path, "Video")
         with container:
             if not container.streams.video:
@@ -154,31 +241,41 @@ class VideoReader:
             except av.error.FFmpegError as error:
                 if not timestamps:
                     raise OisaInputError(f"Video {self.path} is truncated or corrupt ({error}).") from error
-                logger.warning("Video %s is truncated; using its first %d frames.", self.path, len(timestamps))
+                logger.warning(
+                    "Video %s breaks off after frame %d (%s); only its first %d frames are used.",
+                    self.path, len(timestamps), error, len(timestamps),
+                )
         if not timestamps:
             raise OisaInputError(f"Video {self.path} has no decodable frames.")
-        step = timestamps[1] - timestamps[0] if len(timestamps) > 1 else 0.0
+        step = (timestamps[-1] - timestamps[0]) / (len(timestamps) - 1) if len(timestamps) > 1 else 0.0
         return VideoInfo(len(timestamps), timestamps, height, width, timestamps[-1] + step, has_audio)
 
     def iter_frames(self) -> Iterator[tuple[int, Image.Image]]:
-        """(index, RGB frame) for every frame, in order."""
+        """(index, RGB frame) for each of the `info.num_frames` frames, in order."""
         if self.is_folder:
             for index, frame_path in enumerate(self.frame_paths):
                 yield index, load_image(frame_path, "Frame")
             return
         container = _open_container(self.path, "Video")
         with container:
-            try:
-                for index, frame in enumerate(container.decode(container.streams.video[0])):
-                    if index >= self.info.num_frames:
-                        break
-                    yield index, frame.to_image()
-            except av.error.FFmpegError as error:
-                raise OisaInputError(f"Video {self.path} is truncated or corrupt ({error}).") from error
+            frames = container.decode(container.streams.video[0])
+            # stop at the frames the probe found: in a file that breaks off, asking for one more raises
+            for index in range(self.info.num_frames):
+                try:
+                    frame = next(frames)
+                except (StopIteration, av.error.FFmpegError) as error:
+                    raise OisaInputError(
+                        f"Video {self.path} changed while it was read: frame {index} of {self.info.num_frames} no "
+                        "longer decodes."
+                    ) from error
+                yield index, frame.to_image()
 
     def read(self, indices: Sequence[int]) -> list[Image.Image]:
         """The frames at `indices` (any order, repeats allowed), decoding the file once."""
         wanted = set(indices)
+        outside = sorted(index for index in wanted if not 0 <= index < self.info.num_frames)
+        if outside:
+            raise IndexError(f"Video {self.path} has {self.info.num_frames} frames; frame {outside[0]} was asked for.")
         found = {}
         if self.is_folder:
             found = {index: load_image(self.frame_paths[index], "Frame") for index in wanted}
@@ -191,11 +288,11 @@ class VideoReader:
                     break
         return [found[index] for index in indices]
 
-    def soundtrack(self) -> np.ndarray | None:
-        """The video's own audio at 16 kHz mono, or None when it has none."""
+    def soundtrack(self, max_seconds: float | None = None) -> np.ndarray | None:
+        """The video's own audio at 16 kHz mono (at most its first `max_seconds`), or None when it has none."""
         if not self.info.has_audio:
             return None
-        return decode_audio(self.path, what="Video")
+        return decode_audio(self.path, what="Video", max_seconds=max_seconds)
 
 
 def silent_soundtrack(duration: float, sampling_rate: int = SAMPLING_RATE) -> np.ndarray:
@@ -211,25 +308,51 @@ def write_video(
     sampling_rate: int = SAMPLING_RATE,
     codec: str = "libx264",
     audio_codec: str = "aac",
+    timestamps: Sequence[float] | None = None,
 ) -> None:
     """
     Encodes frames (T, H, W, 3) uint8 and an optional waveform, (samples,) or (channels, samples) with one or two
-    channels, into a video file (mp4, mkv, webm, avi...).
+    channels, into a video file (mp4, mkv, webm, avi...). `timestamps` (seconds, one per frame, increasing) keep a
+    variable frame rate, e.g. a source's [`VideoInfo.timestamps`]; without them frame `i` is shown at `i / fps`.
+    Frames with an odd side are padded by repeating their last row or column, as 4:2:0 video needs even sides.
     """
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
+        raise ValueError(f"`frames` must be (T, H, W, 3) with at least one frame; got {frames.shape}.")
     samples = None if audio is None else np.atleast_2d(np.asarray(audio, dtype=np.float32))
     if samples is not None and (samples.ndim != 2 or samples.shape[0] not in AUDIO_LAYOUTS):
         raise ValueError(f"`audio` must be (samples,) or (channels, samples), 1 or 2 channels; got {np.shape(audio)}.")
+    pts = None
+    if timestamps is not None:
+        pts = [round(time / TIMESTAMP_BASE) for time in timestamps]
+        if len(pts) != len(frames) or any(later <= earlier for earlier, later in zip(pts, pts[1:])):
+            raise ValueError(f"`timestamps` must give one increasing time per frame ({len(frames)} frames).")
+    height, width = frames.shape[1:3]
+    padding = ((0, height % 2), (0, width % 2), (0, 0))
+    odd = bool(height % 2 or width % 2)
+    if odd:
+        logger.warning(
+            "Video %s: frames of %dx%d are padded to %dx%d (4:2:0 video needs even sides).",
+            path, width, height, width + width % 2, height + height % 2,
+        )
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
-        stream.height, stream.width = frames.shape[1], frames.shape[2]
+        stream.height, stream.width = height + height % 2, width + width % 2
         stream.pix_fmt = "yuv420p"
+        if pts is not None:
+            stream.codec_context.time_base = TIMESTAMP_BASE
         audio_stream = None
         if samples is not None:
             layout = AUDIO_LAYOUTS[samples.shape[0]]
             audio_stream = container.add_stream(audio_codec, rate=sampling_rate)
             audio_stream.layout = layout
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+        for index, frame in enumerate(frames):
+            if odd:
+                frame = np.pad(frame, padding, mode="edge")
+            video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+            if pts is not None:
+                video_frame.pts, video_frame.time_base = pts[index], TIMESTAMP_BASE
+            for packet in stream.encode(video_frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
