@@ -84,19 +84,25 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     (out / "masks").mkdir(parents=True, exist_ok=True)
-    overlays, sheet_tiles, sheet_labels = [], [], []
+    sheet_tiles, sheet_labels = [], []
     sheet_frames = set(np.linspace(0, reader.info.num_frames - 1, min(8, reader.info.num_frames)).round().astype(int))
-    for index, frame in reader.iter_frames():
-        mask = result.masks[index]
-        Image.fromarray(mask.astype(np.uint8) * 255).save(out / "masks" / f"{index:05d}.png")
-        overlays.append(overlay_mask(frame, mask))
-        if index in sheet_frames:
-            sheet_tiles.append(overlays[-1])
-            sheet_labels.append(f"frame {index}  t={result.timestamps[index]:.2f}s  area={int(mask.sum())}")
-    fps = 1.0 / (reader.info.timestamps[1] - reader.info.timestamps[0]) if reader.info.num_frames > 1 else 1.0
-    # yuv420p needs even sides
-    height, width = (reader.info.height // 2) * 2, (reader.info.width // 2) * 2
-    write_video(out / "overlay.mp4", np.stack(overlays)[:, :height, :width], fps)
+
+    def overlays():
+        # one frame at a time: the mask's PNG, the overlay for the video, and a tile for the contact sheet
+        for index, frame in reader.iter_frames():
+            mask = result.masks[index]
+            Image.fromarray(mask.astype(np.uint8) * 255).save(out / "masks" / f"{index:05d}.png")
+            overlay = overlay_mask(frame, mask)
+            if index in sheet_frames:
+                sheet_tiles.append(overlay)
+                sheet_labels.append(f"frame {index}  t={result.timestamps[index]:.2f}s  area={int(mask.sum())}")
+            yield overlay
+
+    times = reader.info.timestamps
+    # the source's own frame times, so that a variable frame rate keeps its timing
+    increasing = all(later > earlier for earlier, later in zip(times, times[1:]))
+    fps = reader.info.num_frames / reader.info.duration if reader.info.duration > 0 else 1.0
+    write_video(out / "overlay.mp4", overlays(), fps, timestamps=times if increasing else None)
     contact_sheet(sheet_tiles, sheet_labels).save(out / "contact_sheet.png")
     summary = {
         "video": str(args.video),

@@ -1,9 +1,10 @@
 """Decoding of videos, frame folders, images and audio with PyAV and PIL, audio resampled to 16 kHz with soxr."""
 
+import itertools
 import logging
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -302,7 +303,7 @@ def silent_soundtrack(duration: float, sampling_rate: int = SAMPLING_RATE) -> np
 
 def write_video(
     path: str | Path,
-    frames: np.ndarray,
+    frames: np.ndarray | Iterable[np.ndarray],
     fps: float,
     audio: np.ndarray | None = None,
     sampling_rate: int = SAMPLING_RATE,
@@ -311,23 +312,28 @@ def write_video(
     timestamps: Sequence[float] | None = None,
 ) -> None:
     """
-    Encodes frames (T, H, W, 3) uint8 and an optional waveform, (samples,) or (channels, samples) with one or two
-    channels, into a video file (mp4, mkv, webm, avi...). `timestamps` (seconds, one per frame, increasing) keep a
-    variable frame rate, e.g. a source's [`VideoInfo.timestamps`]; without them frame `i` is shown at `i / fps`.
-    Frames with an odd side are padded by repeating their last row or column, as 4:2:0 video needs even sides.
+    Encodes frames (T, H, W, 3) uint8, or any iterable of (H, W, 3) frames, consumed one at a time so that memory stays
+    flat in the video's length, and an optional waveform, (samples,) or (channels, samples) with one or two channels,
+    into a video file (mp4, mkv, webm, avi...). `timestamps` (seconds, one per frame, increasing) keep a variable
+    frame rate, e.g. a source's [`VideoInfo.timestamps`]; without them frame `i` is shown at `i / fps`. Frames with an
+    odd side are padded by repeating their last row or column, as 4:2:0 video needs even sides.
     """
-    frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
-        raise ValueError(f"`frames` must be (T, H, W, 3) with at least one frame; got {frames.shape}.")
+    frame_iterator = iter(frames)
+    first = next(frame_iterator, None)
+    if first is None or np.ndim(first) != 3 or np.shape(first)[-1] != 3:
+        shape = np.shape(frames) if isinstance(frames, np.ndarray) else "no (H, W, 3) first frame"
+        raise ValueError(f"`frames` must be (T, H, W, 3) with at least one frame; got {shape}.")
+    frame_shape = np.shape(first)
     samples = None if audio is None else np.atleast_2d(np.asarray(audio, dtype=np.float32))
     if samples is not None and (samples.ndim != 2 or samples.shape[0] not in AUDIO_LAYOUTS):
         raise ValueError(f"`audio` must be (samples,) or (channels, samples), 1 or 2 channels; got {np.shape(audio)}.")
     pts = None
     if timestamps is not None:
         pts = [round(time / TIMESTAMP_BASE) for time in timestamps]
-        if len(pts) != len(frames) or any(later <= earlier for earlier, later in zip(pts, pts[1:])):
-            raise ValueError(f"`timestamps` must give one increasing time per frame ({len(frames)} frames).")
-    height, width = frames.shape[1:3]
+        known_count = len(frames) if isinstance(frames, (np.ndarray, Sequence)) else len(pts)
+        if len(pts) != known_count or any(later <= earlier for earlier, later in zip(pts, pts[1:])):
+            raise ValueError(f"`timestamps` must give one increasing time per frame ({known_count} frames).")
+    height, width = frame_shape[:2]
     padding = ((0, height % 2), (0, width % 2), (0, 0))
     odd = bool(height % 2 or width % 2)
     if odd:
@@ -346,7 +352,14 @@ def write_video(
             layout = AUDIO_LAYOUTS[samples.shape[0]]
             audio_stream = container.add_stream(audio_codec, rate=sampling_rate)
             audio_stream.layout = layout
-        for index, frame in enumerate(frames):
+        count = 0
+        for index, frame in enumerate(itertools.chain([first], frame_iterator)):
+            frame = np.asarray(frame)
+            if frame.shape != frame_shape:
+                raise ValueError(f"`frames`: frame {index} is {frame.shape}, frame 0 {frame_shape}.")
+            if pts is not None and index >= len(pts):
+                raise ValueError(f"`timestamps` must give one time per frame; there are more than {len(pts)} frames.")
+            count += 1
             if odd:
                 frame = np.pad(frame, padding, mode="edge")
             video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
@@ -356,6 +369,8 @@ def write_video(
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+        if pts is not None and count != len(pts):
+            raise ValueError(f"`timestamps` must give one time per frame: {len(pts)} times for {count} frames.")
         if audio_stream is not None:
             audio_frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples), format="fltp", layout=layout)
             audio_frame.sample_rate = sampling_rate

@@ -206,3 +206,22 @@ def test_convert_names_a_missing_folder_and_a_malformed_config(tmp_path, caplog)
 def test_convert_says_an_oisa_folder_needs_no_conversion(model_dir, tmp_path, caplog):
     assert oisa_main(["convert", str(model_dir), str(tmp_path / "out")]) == 2
     assert "needs no conversion" in caplog.text
+
+
+def test_segment_writes_a_one_pixel_video_and_keeps_a_variable_frame_rate(model_dir, tmp_path):
+    from processing_oisa.media import VideoReader
+
+    from ..processing.test_bad_media import write_variable_rate_video
+
+    tiny = tmp_path / "tiny.mp4"
+    write_video(tiny, np.full((3, 1, 1, 3), 200, dtype=np.uint8), 5.0)
+    assert oisa_main(["segment", str(tiny), "--text", "a", "--model", str(model_dir), "--out", str(tmp_path / "o1"),
+                      "--max-new-tokens", "2"]) == 0
+    assert VideoReader(tmp_path / "o1" / "overlay.mp4").info.num_frames == 3
+
+    times = [0.0, 0.1, 0.5, 0.6, 1.4, 1.5]
+    write_variable_rate_video(tmp_path / "vfr.mp4", times)
+    assert oisa_main(["segment", str(tmp_path / "vfr.mp4"), "--text", "a", "--model", str(model_dir),
+                      "--out", str(tmp_path / "o2"), "--max-new-tokens", "2"]) == 0
+    overlay = VideoReader(tmp_path / "o2" / "overlay.mp4").info
+    assert overlay.timestamps == pytest.approx(VideoReader(tmp_path / "vfr.mp4").info.timestamps, abs=1e-3)

@@ -103,3 +103,18 @@ def test_bad_media_gets_one_clear_error(tmp_path, clip):
     (tmp_path / "empty").mkdir()
     with pytest.raises(OisaInputError, match="has no image files"):
         VideoReader(tmp_path / "empty")
+
+
+def test_write_video_consumes_frames_one_at_a_time(tmp_path):
+    frames = np.random.default_rng(0).integers(0, 255, (5, 16, 24, 3), dtype=np.uint8)
+    consumed = []
+
+    def one_by_one():
+        for index, frame in enumerate(frames):
+            consumed.append(index)
+            yield frame
+
+    write_video(tmp_path / "streamed.mp4", one_by_one(), 5.0)
+    assert consumed == list(range(5)) and VideoReader(tmp_path / "streamed.mp4").info.num_frames == 5
+    with pytest.raises(ValueError, match="frame 2 is"):
+        write_video(tmp_path / "bad.mp4", iter([frames[0], frames[1], frames[2, :8]]), 5.0)
