@@ -119,7 +119,7 @@ def apply_profile(model: torch.nn.Module, processor: Any, profile: str) -> None:
     for switch, values in PROFILE_SWITCHES.items():
         setattr(model.config, switch, values[profile])
     model.config.profile = profile
-    processor.frame_sampler = model.config.frame_sampler
+    processor.video_processor.frame_sampler = model.config.frame_sampler
     processor.sub_audio_layout = model.config.sub_audio_layout
 
 
@@ -140,7 +140,7 @@ def behaviour(segmenter: OisaVideoSegmenter) -> dict[str, Any]:
     config = segmenter.model.config
     return {
         **{switch: getattr(config, switch) for switch in PROFILE_SWITCHES},
-        "processor_frame_sampler": segmenter.processor.frame_sampler,
+        "processor_frame_sampler": segmenter.processor.video_processor.frame_sampler,
         "processor_sub_audio_layout": segmenter.processor.sub_audio_layout,
     }
 

@@ -9,10 +9,18 @@ from modeling_oisa import OisaConfig
 
 from .media import OisaInputError, VideoReader, decode_audio, load_image, write_video
 from .pipeline import OisaReferringSegmentationPipeline, register_pipeline
-from .processing_oisa import OisaExpression, OisaProcessor, make_feature_extractor, make_image_processor
+from .processing_oisa import (
+    OisaExpression,
+    OisaProcessor,
+    make_feature_extractor,
+    make_image_processor,
+    make_video_processor,
+    upsample_masks,
+)
 from .prompts import EXPRESSION_TYPES, frame_token_modes, target_answer
-from .segmenter import OisaSegmentation, OisaVideoSegmenter, upsample_masks
+from .segmenter import OisaSegmentation, OisaVideoSegmenter
 from .tokenization_oisa import NAMED_SPECIAL_TOKENS, OISA_SPECIAL_TOKENS
+from .video_processing_oisa import OisaVideoProcessor
 
 
 AutoProcessor.register(OisaConfig, OisaProcessor)
@@ -28,6 +36,7 @@ __all__ = [
     "OisaProcessor",
     "OisaReferringSegmentationPipeline",
     "OisaSegmentation",
+    "OisaVideoProcessor",
     "OisaVideoSegmenter",
     "VideoReader",
     "decode_audio",
@@ -35,6 +44,7 @@ __all__ = [
     "load_image",
     "make_feature_extractor",
     "make_image_processor",
+    "make_video_processor",
     "target_answer",
     "upsample_masks",
     "write_video",

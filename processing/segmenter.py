@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from .media import OisaInputError, VideoReader, decode_audio, silent_soundtrack
 from .processing_oisa import AudioInput, OisaExpression, OisaProcessor
@@ -37,28 +36,6 @@ class OisaSegmentation:
     @property
     def mask_areas(self) -> list[int]:
         return [int(mask.sum()) for mask in self.masks]
-
-
-def upsample_masks(mask_logits: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
-    """
-    Mask logits (..., h, w) -> boolean masks at `size`. `binarize_then_upsample` (B15, as released) upsamples the
-    binary mask bilinearly and keeps any positive value, which dilates it slightly; `upsample_logits` upsamples the
-    logits and thresholds at 0.
-    """
-    leading = mask_logits.shape[:-2]
-    flat = mask_logits.reshape(-1, 1, *mask_logits.shape[-2:]).float()
-    if mode == "binarize_then_upsample":
-        flat = (flat > 0).float()
-    upsampled = F.interpolate(flat, size=size, mode="bilinear", align_corners=False)
-    return (upsampled > 0).reshape(*leading, *size)
-
-
-def upsample_probabilities(mask_logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Mask logits (..., h, w) -> foreground probabilities at `size`: logits upsampled bilinearly, then a sigmoid."""
-    leading = mask_logits.shape[:-2]
-    flat = mask_logits.reshape(-1, 1, *mask_logits.shape[-2:]).float()
-    upsampled = F.interpolate(flat, size=size, mode="bilinear", align_corners=False)
-    return upsampled.sigmoid().reshape(*leading, *size)
 
 
 class OisaVideoSegmenter:
@@ -169,14 +146,15 @@ class OisaVideoSegmenter:
         return results[0] if single else results
 
     def _pixel_values(self, frames: list) -> torch.Tensor:
-        return self.processor.image_processor(images=frames, return_tensors="pt")["pixel_values"].to(self.device)
+        video = self.processor.video_processor(frames, do_sample_frames=False, return_tensors="pt")
+        return video["pixel_values_videos"][0].to(self.device)
 
     def _answer(self, frames, modes, vision_embeds, soundtrack, expression):
         """Generates the answer of one expression; returns it parsed and the hidden state for the mask head."""
         # the frames are already encoded (`vision_embeds`): only the referring image is transformed here. The
         # soundtrack is encoded again with each expression's clips, as the original batches one expression's clips
         encoding = self.processor(
-            frames, expression, soundtrack=soundtrack, frame_modes=modes, encode_frames=False
+            videos=frames, audio=soundtrack, expression=expression, frame_modes=modes, encode_frames=False
         ).to(self.device)
         model, config = self.model, self.model.config
         input_ids = encoding["input_ids"]
@@ -217,6 +195,7 @@ class OisaVideoSegmenter:
         """Mask head over every frame in chunks, the queries of all expressions carried together."""
         model, config = self.model, self.model.config
         info = reader.info
+        size = (info.height, info.width)
         query_position, query_content = model.mask_head.query_decoder.initial_queries(seg_states)
         masks = np.zeros((seg_states.shape[0], info.num_frames, info.height, info.width), dtype=bool)
         probabilities = np.zeros(masks.shape, dtype=np.float32) if return_probabilities else None
@@ -234,16 +213,18 @@ class OisaVideoSegmenter:
             mask_features, multi_scale = model.mask_head.decode_pixels(maps)
             decoded = model.mask_head.query_decoder(query_content, query_position, mask_features, multi_scale)
             query_content = decoded.query_content
-            chunk_masks = upsample_masks(decoded.mask_logits, (info.height, info.width), config.mask_upsampling)
-            if return_probabilities:
-                chunk_probabilities = upsample_probabilities(decoded.mask_logits, (info.height, info.width))
-            if config.use_presence_gating:
-                absent = decoded.class_logits.softmax(-1)[..., 1] > 0.5
-                chunk_masks[absent] = False
-                if return_probabilities:
-                    chunk_probabilities[absent] = 0.0
+            chunk_masks = self.processor.post_process_masks(
+                decoded, size, mask_upsampling=config.mask_upsampling, presence_gating=config.use_presence_gating
+            )
             masks[:, start : start + len(chunk)] = chunk_masks.cpu().numpy()
             if return_probabilities:
+                chunk_probabilities = self.processor.post_process_masks(
+                    decoded,
+                    size,
+                    mask_upsampling=config.mask_upsampling,
+                    binarize=False,
+                    presence_gating=config.use_presence_gating,
+                )
                 probabilities[:, start : start + len(chunk)] = chunk_probabilities.cpu().numpy()
             class_logits[:, start : start + len(chunk)] = decoded.class_logits.float().cpu()
             start += len(chunk)

@@ -55,7 +55,8 @@ def write_tiny_random(output_dir: Path, seed: int, preset: str = "reference") ->
     processor = OisaProcessor.from_model_config(config, tokenizer)
     if preset == "synthetic":
         # the LLM sees as many frames at inference as configs/oisa_tiny_synthetic.json shows it in training
-        processor.max_visible_frames, processor.num_dense_frames = SYNTHETIC_VISIBLE_FRAMES, SYNTHETIC_DENSE_FRAMES
+        processor.video_processor.max_visible_frames = SYNTHETIC_VISIBLE_FRAMES
+        processor.video_processor.num_dense_frames = SYNTHETIC_DENSE_FRAMES
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
     logger.info("wrote a tiny random OISA (%d parameters) to %s", model.num_parameters(), output_dir)

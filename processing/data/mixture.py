@@ -45,10 +45,10 @@ def _video_sample(
     dense_positions = set(FRAME_SAMPLERS[sampler](len(indices), min(num_dense_frames, len(indices))))
     modes = [2 if position in dense_positions else 1 for position in range(len(indices))]
     frames = [load_image(frame_paths[index], "Frame") for index in indices]
-    encoding = processor(frames, expression, soundtrack=soundtrack, frame_modes=modes, answer=answer)
+    encoding = processor(videos=frames, audio=soundtrack, expression=expression, frame_modes=modes, answer=answer)
     sample = {key: value[0] if key in ("input_ids", "attention_mask", "labels") else value for key, value in encoding.items()}
 
-    size = processor.image_processor.size["height"]
+    size = processor.video_processor.size["height"]
     if frame_masks is None:
         sample["gt_masks"] = torch.zeros(0, size, size)
     else:

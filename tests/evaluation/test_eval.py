@@ -246,6 +246,7 @@ def test_segmenter_probabilities_match_its_masks(model_dir, omniavs_root):
     model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(model_dir)
     apply_profile(model, processor, "fixed")  # masks from upsampled logits, as the probabilities
+    assert (processor.video_processor.frame_sampler, processor.sub_audio_layout) == ("linspace", "per_frame")
     segmenter = OisaVideoSegmenter(model, processor, max_new_tokens=4)
     video = VideoReader(omniavs_root / "images" / "video0000")
     soundtrack = omniavs_root / "audios" / "video0000.mp3"

@@ -288,14 +288,14 @@ def test_full_inference_call_from_the_wav_files_and_frames(model, golden, golden
     injected embeddings, same `[SEG]` state (the token before it, release profile), same mask logits and masks."""
     from transformers import AutoTokenizer
 
-    from processing_oisa import OisaExpression, OisaProcessor
-    from processing_oisa.processing_oisa import make_feature_extractor, make_image_processor
+    from processing_oisa import OisaProcessor
+    from processing_oisa.processing_oisa import make_feature_extractor, make_image_processor, make_video_processor
 
-    processor = OisaProcessor(make_image_processor(224), make_feature_extractor(),
+    processor = OisaProcessor(make_image_processor(224), make_video_processor(224), make_feature_extractor(),
                               AutoTokenizer.from_pretrained(TINY_ORIGINAL), num_image_tokens=64)
     frames = golden["frames_uint8"]
-    encoding = processor(list(frames[:3]), OisaExpression(speech=TINY_ORIGINAL / "speech.wav", image=frames[3]),
-                         soundtrack=TINY_ORIGINAL / "soundtrack.wav", frame_modes=[2, 1, 0])
+    encoding = processor(videos=list(frames[:3]), speech=TINY_ORIGINAL / "speech.wav", images=frames[3],
+                         audio=TINY_ORIGINAL / "soundtrack.wav", frame_modes=[2, 1, 0])
     assert processor.tokenizer.decode(encoding["input_ids"][0]) == golden_json["eval_query_string"]
     assert model.config.seg_hidden_state_source == "before_seg"
     with torch.no_grad():
@@ -339,14 +339,14 @@ def test_segmenter_answer_path_on_the_forced_answer(model, golden, golden_json, 
     from transformers import AutoTokenizer
 
     from processing_oisa import OisaExpression, OisaProcessor, OisaVideoSegmenter, VideoReader
-    from processing_oisa.processing_oisa import make_feature_extractor, make_image_processor
+    from processing_oisa.processing_oisa import make_feature_extractor, make_image_processor, make_video_processor
 
     frames = golden["frames_uint8"]
     folder = tmp_path / "frames"
     folder.mkdir()
     for index, frame in enumerate(frames[:3]):
         Image.fromarray(frame).save(folder / f"{index}.png")
-    processor = OisaProcessor(make_image_processor(224), make_feature_extractor(),
+    processor = OisaProcessor(make_image_processor(224), make_video_processor(224), make_feature_extractor(),
                               AutoTokenizer.from_pretrained(TINY_ORIGINAL), num_image_tokens=64)
     # the reference's frame flags (dense, pooled, hidden); the release sampler would pick [2, 0, 1] for 3 frames
     monkeypatch.setattr(processor, "frame_token_modes", lambda num_frames: [2, 1, 0])

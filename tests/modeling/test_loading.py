@@ -109,7 +109,7 @@ def test_trust_remote_code_loads_without_the_package(tiny_checkpoint, tmp_path):
         OisaExpression = sys.modules[type(processor).__module__].OisaExpression
         data = np.load(inputs_path)
         expression = OisaExpression(speech=data["speech"], sound=data["sound"], image=data["image"])
-        encoding = processor(list(data["frames"]), expression, soundtrack=data["soundtrack"],
+        encoding = processor(videos=list(data["frames"]), expression=expression, audio=data["soundtrack"],
                              answer="Sure, it is [SEG].")
         torch.manual_seed(0)  # the mask losses' point sampler
         with torch.no_grad():
@@ -131,7 +131,7 @@ def test_trust_remote_code_loads_without_the_package(tiny_checkpoint, tmp_path):
     model = OisaForReferringSegmentation.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
     processor = OisaProcessor.from_pretrained(tiny_checkpoint)
     expression = OisaExpression(speech=inputs["speech"], sound=inputs["sound"], image=inputs["image"])
-    encoding = processor(list(inputs["frames"]), expression, soundtrack=inputs["soundtrack"],
+    encoding = processor(videos=list(inputs["frames"]), expression=expression, audio=inputs["soundtrack"],
                          answer="Sure, it is [SEG].")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -1,17 +1,19 @@
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile
 import torch
+from huggingface_hub.errors import StrictDataclassFieldValidationError
+from PIL import Image
 from transformers import AutoProcessor, AutoTokenizer
 
 import processing_oisa  # noqa: F401  (registers the processor)
 from oisa_tiny import build_tiny_tokenizer
-from processing_oisa import OisaExpression, OisaInputError, OisaProcessor
+from processing_oisa import OisaExpression, OisaInputError, OisaProcessor, VideoReader, write_video
 from processing_oisa.data.synthetic_clips import tone
-from processing_oisa.processing_oisa import make_feature_extractor, make_image_processor
+from processing_oisa.processing_oisa import make_feature_extractor, make_image_processor, make_video_processor
 from processing_oisa.prompts import (
     RELEASE_SYSTEM_MESSAGE,
     frame_token_modes,
@@ -20,8 +22,10 @@ from processing_oisa.prompts import (
     target_answer,
 )
 
+from ..conftest import SHARED
 
-REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference" / "tiny_original"
+
+REFERENCE = SHARED / "reference" / "tiny_original"
 ASK = "Please segment the object this sentence describes in this video: "
 # spec/model.md §2.4, verbatim: (base, with explanation) per expression type
 RELEASE_QUESTIONS = {
@@ -43,7 +47,8 @@ TEXTS = {"text": "the red circle", "text_sound": "the shape making the sound <au
 
 @pytest.fixture(scope="module")
 def processor():
-    return OisaProcessor(make_image_processor(224), make_feature_extractor(), build_tiny_tokenizer(), num_image_tokens=64)
+    return OisaProcessor(make_image_processor(224), make_video_processor(224), make_feature_extractor(),
+                         build_tiny_tokenizer(), num_image_tokens=64)
 
 
 def expand(question: str, soundtrack: int, clips: list[int], image_tokens: int) -> str:
@@ -66,7 +71,7 @@ def test_release_prompt_of_every_expression_type(processor, expr_type, explain):
         explain=explain,
     )
     assert expression.type == expr_type
-    encoding = processor(frames, expression, soundtrack=soundtrack, frame_modes=[2, 1, 0])
+    encoding = processor(videos=frames, expression=expression, audio=soundtrack, frame_modes=[2, 1, 0])
     clips = ([25] if expr_type.startswith("speech") else []) + ([15] if "sound" in expr_type else [])
     question = RELEASE_QUESTIONS[expr_type][int(explain)].format(e=TEXTS.get(expr_type, "the red circle"))
     user = (
@@ -89,15 +94,16 @@ def test_release_prompt_of_every_expression_type(processor, expr_type, explain):
     assert encoding["pixel_values"].shape == (3 + ("image" in expr_type), 3, 224, 224)
 
 
+@pytest.mark.reference
 def test_release_prompt_and_inputs_equal_the_original(processor):
     """The golden speech_image input of the original: same string, same ids (original tokenizer), same features."""
     golden = json.loads((REFERENCE / "golden.json").read_text())
     arrays = np.load(REFERENCE / "golden.npz")
-    original = OisaProcessor(make_image_processor(224), make_feature_extractor(),
+    original = OisaProcessor(make_image_processor(224), make_video_processor(224), make_feature_extractor(),
                              AutoTokenizer.from_pretrained(REFERENCE), num_image_tokens=64)
     frames = list(arrays["frames_uint8"][:3])
     expression = OisaExpression(speech=REFERENCE / "speech.wav", image=arrays["frames_uint8"][3])
-    encoding = original(frames, expression, soundtrack=REFERENCE / "soundtrack.wav", frame_modes=[2, 1, 0])
+    encoding = original(videos=frames, expression=expression, audio=REFERENCE / "soundtrack.wav", frame_modes=[2, 1, 0])
     assert original.tokenizer.decode(encoding["input_ids"][0]) == golden["eval_query_string"]
     assert torch.equal(encoding["input_ids"][0], torch.from_numpy(arrays["e2e_input_ids"]))
     pixels = torch.from_numpy(arrays["frames_uint8"]).permute(0, 3, 1, 2).float() / 255
@@ -109,7 +115,7 @@ def test_release_prompt_and_inputs_equal_the_original(processor):
 
 def test_answer_labels_supervise_only_the_answer(processor):
     frames = [np.zeros((32, 32, 3), dtype=np.uint8)] * 2
-    encoding = processor(frames, OisaExpression(text="the dog"), soundtrack=tone(440, 1.0), answer="Sure, it is [SEG].")
+    encoding = processor(text="the dog", videos=frames, audio=tone(440, 1.0), answer="Sure, it is [SEG].")
     labels, ids = encoding["labels"][0], encoding["input_ids"][0]
     supervised = ids[labels != -100]
     assert processor.tokenizer.decode(supervised) == "Sure, it is [SEG].<|im_end|>"
@@ -117,9 +123,9 @@ def test_answer_labels_supervise_only_the_answer(processor):
 
 
 def test_per_frame_layout_uses_special_token_wrappers():
-    processor = OisaProcessor(make_image_processor(224), make_feature_extractor(), build_tiny_tokenizer(),
-                              num_image_tokens=64, sub_audio_layout="per_frame")
-    encoding = processor([np.zeros((32, 32, 3), dtype=np.uint8)] * 3, OisaExpression(text="x"), soundtrack=tone(440, 2.0),
+    processor = OisaProcessor(make_image_processor(224), make_video_processor(224), make_feature_extractor(),
+                              build_tiny_tokenizer(), num_image_tokens=64, sub_audio_layout="per_frame")
+    encoding = processor(text="x", videos=[np.zeros((32, 32, 3), dtype=np.uint8)] * 3, audio=tone(440, 2.0),
                          frame_modes=[2, 2, 1])
     prompt = processor.tokenizer.decode(encoding["input_ids"][0])
     segments = re.findall(r"<sub_audio>((?:<SUB_AUDIO_CONTEXT>)*)</sub_audio>", prompt)
@@ -150,11 +156,13 @@ def test_processor_save_and_load(processor, tmp_path):
     processor.save_pretrained(tmp_path)
     loaded = AutoProcessor.from_pretrained(tmp_path)
     assert isinstance(loaded, OisaProcessor)
-    assert (loaded.num_image_tokens, loaded.frame_sampler, loaded.sub_audio_layout) == (64, "release", "release")
+    assert (loaded.num_image_tokens, loaded.sub_audio_layout) == (64, "release")
+    assert loaded.video_processor.frame_sampler == "release"
     assert loaded.seg_token_id == processor.seg_token_id
     frames = [np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)] * 2
     expression = OisaExpression(text="the cat <audio>", sound=tone(700, 0.5))
-    first, second = processor(frames, expression, soundtrack=tone(440, 1.0)), loaded(frames, expression, soundtrack=tone(440, 1.0))
+    first = processor(videos=frames, expression=expression, audio=tone(440, 1.0))
+    second = loaded(videos=frames, expression=expression, audio=tone(440, 1.0))
     for key in first:
         assert torch.equal(first[key], second[key]), key
 
@@ -162,26 +170,26 @@ def test_processor_save_and_load(processor, tmp_path):
 def test_bad_expressions_get_one_clear_error(processor, tmp_path):
     frames = [np.zeros((32, 32, 3), dtype=np.uint8)]
     with pytest.raises(OisaInputError, match="exactly one of text and speech"):
-        processor(frames, OisaExpression(), soundtrack=tone(440, 1.0))
+        processor(videos=frames, expression=OisaExpression(), audio=tone(440, 1.0))
     with pytest.raises(OisaInputError, match="exactly one of text and speech"):
-        processor(frames, OisaExpression(text="a", speech=tone(300, 1.0)), soundtrack=tone(440, 1.0))
+        processor(videos=frames, expression=OisaExpression(text="a", speech=tone(300, 1.0)), audio=tone(440, 1.0))
     with pytest.raises(OisaInputError, match="Speech the speech waveform is silent"):
-        processor(frames, OisaExpression(speech=np.zeros(16000, dtype=np.float32)), soundtrack=tone(440, 1.0))
+        processor(videos=frames, speech=np.zeros(16000, dtype=np.float32), audio=tone(440, 1.0))
     with pytest.raises(OisaInputError, match="too short"):
-        processor(frames, OisaExpression(speech=np.zeros(0, dtype=np.float32)), soundtrack=tone(440, 1.0))
+        processor(videos=frames, expression=OisaExpression(speech=np.zeros(0, dtype=np.float32)), audio=tone(440, 1.0))
     with pytest.raises(OisaInputError, match="does not exist"):
-        processor(frames, OisaExpression(speech=tmp_path / "missing.wav"), soundtrack=tone(440, 1.0))
+        processor(videos=frames, expression=OisaExpression(speech=tmp_path / "missing.wav"), audio=tone(440, 1.0))
     (tmp_path / "not_image.jpg").write_text("hello")
     with pytest.raises(OisaInputError, match="not_image.jpg is not a readable image"):
-        processor(frames, OisaExpression(text="like <image>", image=tmp_path / "not_image.jpg"), soundtrack=tone(440, 1.0))
+        processor(text="like <image>", videos=frames, images=tmp_path / "not_image.jpg", audio=tone(440, 1.0))
     with pytest.raises(OisaInputError, match="no frames"):
-        processor([], OisaExpression(text="a"), soundtrack=tone(440, 1.0))
+        processor(videos=[], expression=OisaExpression(text="a"), audio=tone(440, 1.0))
 
 
 def test_long_audio_is_cut_to_30_seconds_with_a_warning(processor, caplog):
     frames = [np.zeros((32, 32, 3), dtype=np.uint8)]
     with caplog.at_level("WARNING"):
-        encoding = processor(frames, OisaExpression(speech=tone(300, 40.0)), soundtrack=tone(440, 1.0))
+        encoding = processor(videos=frames, expression=OisaExpression(speech=tone(300, 40.0)), audio=tone(440, 1.0))
     assert "only its first 30 s are used" in caplog.text
     assert encoding["audio_feature_lengths"].tolist() == [100, 3000]
     assert int((encoding["input_ids"] == processor.tokenizer.audio_token_id).sum()) == 25 + 750
@@ -190,7 +198,119 @@ def test_long_audio_is_cut_to_30_seconds_with_a_warning(processor, caplog):
 def test_frames_already_encoded_leave_only_the_referring_image(processor):
     frames = [np.zeros((32, 32, 3), dtype=np.uint8)] * 3
     expression = OisaExpression(text="like <image>", image=np.full((20, 20, 3), 200, dtype=np.uint8))
-    full = processor(frames, expression, soundtrack=tone(440, 1.0), frame_modes=[2, 1, 0])
-    light = processor(frames, expression, soundtrack=tone(440, 1.0), frame_modes=[2, 1, 0], encode_frames=False)
+    full = processor(videos=frames, expression=expression, audio=tone(440, 1.0), frame_modes=[2, 1, 0])
+    light = processor(videos=frames, expression=expression, audio=tone(440, 1.0), frame_modes=[2, 1, 0],
+                      encode_frames=False)
     assert light["pixel_values"].shape[0] == 1 and torch.equal(light["pixel_values"][0], full["pixel_values"][-1])
     assert torch.equal(light["input_ids"], full["input_ids"]) and light["image_token_modes"].tolist() == [2, 1, 0, 2]
+
+
+def test_videos_as_a_path_an_array_or_a_list_of_frames(processor, tmp_path):
+    frames = np.random.default_rng(1).integers(0, 256, (4, 30, 40, 3), dtype=np.uint8)
+    for index, frame in enumerate(frames):
+        Image.fromarray(frame).save(tmp_path / f"{index}.png")
+    expected = processor(text="the dog", videos=frames, audio=tone(440, 1.0))
+    for video in (tmp_path, str(tmp_path), list(frames), [Image.fromarray(frame) for frame in frames]):
+        encoding = processor(text="the dog", videos=video, audio=tone(440, 1.0))
+        for key in expected:
+            assert torch.equal(encoding[key], expected[key]), (type(video), key)
+    assert expected["pixel_values"].shape == (4, 3, 224, 224)
+    assert expected["image_token_modes"].tolist() == frame_token_modes(4, 32, 4, "release")
+    write_video(tmp_path / "clip.mp4", frames, 5.0)
+    from_file = processor(text="the dog", videos=tmp_path / "clip.mp4", audio=tone(440, 1.0))
+    decoded = processor(text="the dog", videos=VideoReader(tmp_path / "clip.mp4").read(range(4)), audio=tone(440, 1.0))
+    assert torch.equal(from_file["pixel_values"], decoded["pixel_values"])
+    with pytest.raises(ValueError, match="one video a call"):
+        processor(text="the dog", videos=[frames, frames], audio=tone(440, 1.0))
+    with pytest.raises(ValueError, match="pass it as `videos=`"):
+        processor(text="the dog", audio=tone(440, 1.0))
+
+
+def test_audio_as_a_path_or_a_waveform(processor, tmp_path):
+    frames = [np.zeros((32, 32, 3), dtype=np.uint8)] * 2
+    soundtrack, speech = tone(440, 2.0), tone(300, 1.2)
+    soundfile.write(tmp_path / "soundtrack.wav", soundtrack, 16000, subtype="FLOAT")
+    soundfile.write(tmp_path / "speech.wav", speech, 16000, subtype="FLOAT")
+    from_arrays = processor(videos=frames, audio=soundtrack, speech=speech)
+    from_files = processor(videos=frames, audio=tmp_path / "soundtrack.wav", speech=str(tmp_path / "speech.wav"))
+    for key in from_arrays:
+        assert torch.equal(from_arrays[key], from_files[key]), key
+    assert from_arrays["audio_feature_lengths"].tolist() == [200, 120]
+    assert from_arrays["audio_token_modes"].tolist() == [2, 1]
+
+
+def test_the_referring_image_as_images(processor, tmp_path):
+    frames = [np.zeros((32, 32, 3), dtype=np.uint8)] * 2
+    image = np.random.default_rng(2).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "image.png")
+    expected = processor(text="like <image>", videos=frames, images=image, audio=tone(440, 1.0))
+    assert expected["image_token_modes"].tolist() == [2, 2, 2]
+    assert expected["segmentation_frame_mask"].tolist() == [True, True, False]
+    assert torch.equal(expected["pixel_values"][-1], processor.image_processor(images=[image], return_tensors="pt")[
+        "pixel_values"][0])
+    for given in (Image.fromarray(image), tmp_path / "image.png", str(tmp_path / "image.png"), [image]):
+        encoding = processor(text="like <image>", videos=frames, images=given, audio=tone(440, 1.0))
+        for key in expected:
+            assert torch.equal(encoding[key], expected[key]), (type(given), key)
+    with pytest.raises(OisaInputError, match="at most one referring image"):
+        processor(text="like <image>", videos=frames, images=[image, image], audio=tone(440, 1.0))
+
+
+def test_expression_parts_as_kwargs_or_whole(processor):
+    frames = [np.full((32, 32, 3), 90, dtype=np.uint8)] * 3
+    image = np.full((20, 20, 3), 200, dtype=np.uint8)
+    parts = processor(videos=frames, audio=tone(440, 1.0), speech=tone(300, 1.0), sound=tone(660, 0.5), images=image,
+                      explain=True)
+    whole = processor(videos=frames, audio=tone(440, 1.0), expression=OisaExpression(
+        speech=tone(300, 1.0), sound=tone(660, 0.5), image=image, explain=True))
+    for key in parts:
+        assert torch.equal(parts[key], whole[key]), key
+    # the sound: 0.5 s -> 50 mel frames -> 25 after the stride-2 conv -> 12 tokens after pooling
+    assert processor.tokenizer.decode(parts["input_ids"][0]).endswith(
+        "referring audio is <aud>" + "<AUDIO_CONTEXT>" * 12 + "</aud>, referring image is <img>"
+        + "<IMG_CONTEXT>" * 64 + "</img>, and explain why.<|im_end|><|im_start|>assistant\n")
+    with pytest.raises(ValueError, match="not both"):
+        processor(text="a", videos=frames, expression=OisaExpression(text="a"))
+    with pytest.raises(ValueError, match="not both"):
+        processor(videos=frames, expression=OisaExpression(text="a"), explain=True)
+    with pytest.raises(TypeError, match="pass the frames as `videos=`"):
+        processor(frames, OisaExpression(text="a"))
+    # the kwargs are typed (OisaProcessorKwargs) and checked
+    with pytest.raises(StrictDataclassFieldValidationError, match="explain"):
+        processor(text="a", videos=frames, explain="yes")
+
+
+def test_sampler_settings_as_kwargs(processor):
+    frames = [np.zeros((32, 32, 3), dtype=np.uint8)] * 6
+    encoding = processor(text="a", videos=frames, audio=tone(440, 1.0), max_visible_frames=3, num_dense_frames=1)
+    # release, 3 of 6 frames: first, last and 1 + 0 * ((6 - 2) // 1); the first of them dense
+    assert encoding["image_token_modes"].tolist() == frame_token_modes(6, 3, 1, "release") == [2, 1, 0, 0, 0, 1]
+    assert processor.video_processor.max_visible_frames == 32
+    encoding = processor(text="a", videos=frames, audio=tone(440, 1.0), videos_kwargs={"frame_sampler": "linspace"})
+    assert encoding["image_token_modes"].tolist() == frame_token_modes(6, 32, 4, "linspace")
+
+
+def test_a_processor_saved_before_it_had_a_video_processor_loads(processor, tmp_path):
+    """Its frame sampler's settings were the processor's own, its frames took the image processor's transform."""
+    video_processor = processor.video_processor
+    settings = (video_processor.frame_sampler, video_processor.max_visible_frames, video_processor.num_dense_frames)
+    video_processor.frame_sampler, video_processor.max_visible_frames, video_processor.num_dense_frames = (
+        "linspace", 3, 1)
+    try:
+        processor.save_pretrained(tmp_path)
+        frames = [np.random.default_rng(3).integers(0, 255, (40, 50, 3), dtype=np.uint8)] * 5
+        expected = processor(text="a", videos=frames, audio=tone(440, 1.0))
+    finally:
+        video_processor.frame_sampler, video_processor.max_visible_frames, video_processor.num_dense_frames = settings
+    config = json.loads((tmp_path / "processor_config.json").read_text())
+    older = {key: value for key, value in config.items() if key != "video_processor"}
+    older.update(frame_sampler="linspace", max_visible_frames=3, num_dense_frames=1)
+    (tmp_path / "processor_config.json").write_text(json.dumps(older))
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    assert (loaded.video_processor.frame_sampler, loaded.video_processor.max_visible_frames,
+            loaded.video_processor.num_dense_frames, loaded.video_processor.size["height"]) == ("linspace", 3, 1, 224)
+    encoding = loaded(text="a", videos=frames, audio=tone(440, 1.0))
+    # linspace, 3 of 5 frames: 0, 2 and 4, the first dense
+    assert encoding["image_token_modes"].tolist() == [2, 0, 1, 0, 1]
+    for key in expected:
+        assert torch.equal(encoding[key], expected[key]), key

@@ -7,9 +7,9 @@ import pytest
 import soundfile
 
 from oisa_tiny import build_tiny_tokenizer
-from processing_oisa import OisaExpression, OisaProcessor, VideoReader, decode_audio, write_video
+from processing_oisa import OisaProcessor, VideoReader, decode_audio, write_video
 from processing_oisa.media import resample_audio
-from processing_oisa.processing_oisa import make_feature_extractor, make_image_processor
+from processing_oisa.processing_oisa import make_feature_extractor, make_image_processor, make_video_processor
 
 
 RATES = [8000, 22050, 44100, 48000]
@@ -29,12 +29,13 @@ def chirp_and_noise(rate: int, channels: int, seconds: float = 3.0) -> np.ndarra
 @pytest.fixture(scope="module")
 def processor():
     tokenizer = build_tiny_tokenizer()
-    return OisaProcessor(make_image_processor(224), make_feature_extractor(), tokenizer, num_image_tokens=64)
+    return OisaProcessor(make_image_processor(224), make_video_processor(224), make_feature_extractor(), tokenizer,
+                         num_image_tokens=64)
 
 
 def log_mel(processor: OisaProcessor, soundtrack) -> np.ndarray:
     """The processor's Whisper log-mel of a soundtrack (a file it decodes itself, or a 16 kHz waveform)."""
-    encoding = processor(list(FRAMES), OisaExpression(text="the dog"), soundtrack=soundtrack)
+    encoding = processor(text="the dog", videos=list(FRAMES), audio=soundtrack)
     return encoding["input_features"][0].numpy()
 
 

@@ -7,8 +7,9 @@ from PIL import Image
 from transformers import AutoModel, AutoProcessor, pipeline
 
 import processing_oisa  # noqa: F401  (registers the processor and the pipeline)
+from modeling_oisa import OisaOutput
 from oisa_cli.main import main as oisa_main
-from processing_oisa import OisaExpression, OisaVideoSegmenter, VideoReader, upsample_masks, write_video
+from processing_oisa import OisaExpression, OisaProcessor, OisaVideoSegmenter, VideoReader, upsample_masks, write_video
 from processing_oisa.data.synthetic_clips import make_shapes_clip, tone
 
 
@@ -17,6 +18,11 @@ def checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny")
     oisa_main(["tiny-random", str(folder)])
     return folder
+
+
+@pytest.fixture(scope="module")
+def processor(checkpoint):
+    return AutoProcessor.from_pretrained(checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -114,31 +120,84 @@ def test_frame_folder_and_silent_video(seg_model, checkpoint, tmp_path, caplog):
     assert result.masks.shape == (4, 40, 40)
 
 
-def test_mask_upsampling_modes():
+def test_mask_upsampling_modes(processor):
     logits = torch.full((1, 4, 4), -5.0)
     logits[0, 1, 1] = 3.0
-    released = upsample_masks(logits, (16, 16), "binarize_then_upsample")
-    fixed = upsample_masks(logits, (16, 16), "upsample_logits")
+    released = processor.post_process_masks(logits, (16, 16), mask_upsampling="binarize_then_upsample")
+    fixed = processor.post_process_masks(logits, (16, 16), mask_upsampling="upsample_logits")
     # B15: upsampling the binary mask keeps every pixel with any weight from the positive cell, a dilation
     assert released.sum() > fixed.sum() > 0
     assert released[0, 4:8, 4:8].all()
+    assert torch.equal(released, upsample_masks(logits, (16, 16), "binarize_then_upsample"))
 
 
-def test_mask_upsampling_by_hand():
+def test_post_process_masks_by_hand(processor):
     # 2x2 -> 4x4, bilinear with half-pixel centres: output row (or column) i reads source coordinate max(i/2 - 1/4, 0),
     # so source cell 0 weighs 1, 3/4, 1/4, 0 on outputs 0..3. One positive cell (logit 1) among -3s:
     # - binarise then upsample (B15): the 0/1 mask upsampled is positive wherever cell 0 has any weight: a 3x3 block;
-    # - upsample the logits: -3 + 4 * w_row * w_col > 0 only where w_row * w_col > 3/4, i.e. at (0, 0) alone.
+    # - upsample the logits: -3 + 4 * w_row * w_col > 0 only where w_row * w_col > 3/4, i.e. at (0, 0) alone;
+    # - probabilities: sigmoid(1) at (0, 0), sigmoid(3/4 * 1 + 1/4 * -3) = 1/2 at (0, 1), sigmoid(-3) at (3, 3).
     logits = torch.tensor([[[1.0, -3.0], [-3.0, -3.0]]])
     released = torch.zeros(1, 4, 4, dtype=torch.bool)
     released[0, :3, :3] = True
     fixed = torch.zeros(1, 4, 4, dtype=torch.bool)
     fixed[0, 0, 0] = True
-    assert torch.equal(upsample_masks(logits, (4, 4), "binarize_then_upsample"), released)
-    assert torch.equal(upsample_masks(logits, (4, 4), "upsample_logits"), fixed)
+    assert torch.equal(processor.post_process_masks(logits, (4, 4), mask_upsampling="binarize_then_upsample"), released)
+    assert torch.equal(processor.post_process_masks(logits, (4, 4), mask_upsampling="upsample_logits"), fixed)
+    probabilities = processor.post_process_masks(logits, (4, 4), mask_upsampling="upsample_logits", binarize=False)
+    assert probabilities.dtype == torch.float32 and probabilities.shape == (1, 4, 4)
+    assert probabilities[0, 0, 0].item() == pytest.approx(1 / (1 + np.exp(-1)))
+    assert probabilities[0, 0, 1].item() == pytest.approx(0.5)
+    assert probabilities[0, 3, 3].item() == pytest.approx(1 / (1 + np.exp(3)))
     # a logit of exactly 0 is background in both modes
-    assert not upsample_masks(torch.zeros(2, 2), (4, 4), "binarize_then_upsample").any()
-    assert not upsample_masks(torch.zeros(2, 2), (4, 4), "upsample_logits").any()
+    for mode in ("binarize_then_upsample", "upsample_logits"):
+        assert not processor.post_process_masks(torch.zeros(2, 2), (4, 4), mask_upsampling=mode).any()
+
+
+def test_post_process_masks_of_the_model_output(processor):
+    """One tensor (frames, h, w) per [SEG], each at its video's size; presence gating empties the absent frames."""
+    logits = torch.tensor([[1.0, -3.0], [-3.0, -3.0]]).expand(2, 2, 2)
+    present_then_absent = torch.tensor([[2.0, -2.0], [-2.0, 2.0]])
+    outputs = OisaOutput(mask_logits=(logits, logits), class_logits=(present_then_absent, present_then_absent))
+    first, second = processor.post_process_masks(outputs, [(4, 4), (8, 8)], mask_upsampling="binarize_then_upsample")
+    assert first.shape == (2, 4, 4) and second.shape == (2, 8, 8)
+    assert first[:, :3, :3].all() and not first[:, 3].any() and second[1].any()
+    gated = processor.post_process_masks(outputs, (4, 4), mask_upsampling="binarize_then_upsample",
+                                         presence_gating=True)
+    assert torch.equal(gated[0][0], first[0]) and not gated[0][1].any()
+    probabilities = processor.post_process_masks(outputs, torch.tensor([4, 4]), mask_upsampling="upsample_logits",
+                                                 binarize=False, presence_gating=True)
+    assert probabilities[0][0, 0, 0] > 0.5 and not probabilities[0][1].any()
+    with pytest.raises(ValueError, match="mask_upsampling"):
+        processor.post_process_masks(logits, (4, 4), mask_upsampling="nearest")
+    with pytest.raises(ValueError, match="presence logits"):
+        processor.post_process_masks(logits, (4, 4), mask_upsampling="upsample_logits", presence_gating=True)
+    with pytest.raises(ValueError, match="2 mask logits but 3 sizes"):
+        processor.post_process_masks(outputs, [(4, 4)] * 3, mask_upsampling="upsample_logits")
+
+
+def test_the_segmenter_and_the_pipeline_post_process_with_the_processor(seg_model, checkpoint, clip_path, monkeypatch):
+    calls = []
+
+    def post_process_masks(self, outputs, original_sizes, mask_upsampling, binarize=True, presence_gating=False):
+        calls.append((tuple(original_sizes), mask_upsampling, binarize, presence_gating))
+        shape = (*outputs.mask_logits.shape[:-2], *original_sizes)
+        return torch.ones(shape, dtype=torch.bool) if binarize else torch.full(shape, 0.25)
+
+    monkeypatch.setattr(OisaProcessor, "post_process_masks", post_process_masks)
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    result = OisaVideoSegmenter(seg_model, processor, chunk_size=4, max_new_tokens=4)(
+        clip_path, OisaExpression(text="the red circle"), return_probabilities=True)
+    assert result.has_seg and result.masks.all() and np.all(result.probabilities == 0.25)
+    config = seg_model.config
+    # 11 frames in chunks of 4: masks and probabilities of each chunk
+    assert calls == [((60, 84), config.mask_upsampling, binarize, config.use_presence_gating)
+                     for _ in range(3) for binarize in (True, False)]
+    calls.clear()
+    pipe = pipeline("referring-audio-visual-segmentation", model=seg_model, processor=processor)
+    output = pipe({"video": str(clip_path), "text": "the red circle"}, chunk_size=4, max_new_tokens=4)
+    assert output["masks"].shape == (11, 60, 84) and output["masks"].all()
+    assert calls == [((60, 84), config.mask_upsampling, True, config.use_presence_gating)] * 3
 
 
 def test_pipeline_task(checkpoint, clip_path):

@@ -39,7 +39,10 @@ def test_a_missing_shipped_checkpoint_is_one_clear_error(monkeypatch, tmp_path, 
     monkeypatch.setitem(pretrained.SHIPPED_CHECKPOINTS, "oisa-tiny-synthetic", tmp_path / "absent")
     with pytest.raises(MissingCheckpointError, match="OISA-tiny-synthetic is not in this installation"):
         tiny_synthetic_path()
+    # a Hub id passes through online; offline, one not in the cache fails at once
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
     assert resolve_model_name("owner/repo") == "owner/repo"
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     with caplog.at_level("INFO"):
         assert oisa_main(["segment", str(EXAMPLE_VIDEO), "--text", "the red circle", "--out", str(tmp_path / "o")]) == 2
     assert "no --model given: using oisa-tiny-synthetic" in caplog.text
@@ -63,7 +66,7 @@ def test_synthetic_preset(synthetic_preset):
     assert config.adapter_conv_inplane == 64
     processor = AutoProcessor.from_pretrained(synthetic_preset)
     # the LLM sees the 4 frames it is trained on (configs/tiny_synthetic/oisa_tiny_synthetic*.json)
-    assert (processor.max_visible_frames, processor.num_dense_frames) == (4, 2)
+    assert (processor.video_processor.max_visible_frames, processor.video_processor.num_dense_frames) == (4, 2)
     tokens = processor.tokenizer.tokenize("the purple diamond and the yellow triangle")
     assert tokens == ["the", "Ġpurple", "Ġdiamond", "Ġand", "Ġthe", "Ġyellow", "Ġtriangle"]
     from safetensors.torch import load_file
