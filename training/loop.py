@@ -6,7 +6,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoProcessor, get_scheduler
 
+from modeling_oisa import OisaCheckpointError
 from oisa_training.setup import TrainingSetup, apply_training_setup, merge_training_setup
 from processing_oisa.data.audio_text import AUDIO_TEXT_SAMPLE_BUILDERS
 from processing_oisa.data.image_sets import IMAGE_SAMPLE_BUILDERS
@@ -49,6 +50,8 @@ LOGGED_LOSSES = ("loss", "lm_loss", "class_loss", "dice_loss", "bce_loss")
 LOSS_WEIGHT_NAMES = ("lm_loss_weight", "class_loss_weight", "dice_loss_weight", "bce_loss_weight")
 
 STATE_FILE = "trainer_state.json"
+# where `Accelerator.save_state` writes the first object registered for checkpointing: the run's `TrainingProgress`
+PROGRESS_FILE = "custom_checkpoint_0.pkl"
 
 # the dataset formats that train: their reader and how one of its records becomes a sample
 SAMPLE_BUILDERS = {
@@ -126,21 +129,53 @@ def build_sources(config: StageConfig, data_roots: dict[str, str], processor, pr
     return sources
 
 
+@dataclass
+class TrainingProgress:
+    """
+    How far a run got: its optimizer steps and the items each process drew from the stream. Registered with
+    `Accelerator.register_for_checkpointing`, so `save_state` writes it into every checkpoint and `load_state`
+    restores it.
+    """
+
+    step: int = 0
+    samples_seen_per_process: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.step = state_dict["step"]
+        self.samples_seen_per_process = state_dict["samples_seen_per_process"]
+
+
 def _latest_checkpoint(output_dir: Path) -> Path | None:
+    """The last `checkpoint-N` of `output_dir`, if any; refuses one without the progress `save_state` writes."""
     checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
-    return checkpoints[-1] if checkpoints else None
+    if not checkpoints:
+        return None
+    latest = checkpoints[-1]
+    if not (latest / PROGRESS_FILE).is_file():
+        raise OisaCheckpointError(
+            f"{latest} holds no training progress ({PROGRESS_FILE}, written by `Accelerator.save_state`): it is not a "
+            f"checkpoint of this train.py (those of older versions kept it in {STATE_FILE}) and cannot resume; train "
+            "the stage again without --resume."
+        )
+    return latest
 
 
-def _save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, samples_seen: int) -> None:
-    """Saves model, optimizer, scheduler and RNG states to a temporary folder, then renames it: never half-written."""
+def _save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int) -> None:
+    """
+    `Accelerator.save_state` (model, optimizer, scheduler, RNG states and the registered `TrainingProgress`) into a
+    temporary folder, then renamed: a checkpoint is never half-written.
+    """
     final = output_dir / f"checkpoint-{step}"
     temporary = output_dir / f".checkpoint-{step}.tmp"
     if accelerator.is_main_process and temporary.exists():
         shutil.rmtree(temporary)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(temporary))
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (temporary / STATE_FILE).write_text(json.dumps({"step": step, "samples_seen_per_process": samples_seen}))
         os.replace(temporary, final)
     accelerator.wait_for_everyone()
 
@@ -224,6 +259,7 @@ def train(
             f"Launched as {launched} processes but Accelerate sees {accelerator.num_processes}; on a machine without "
             "GPUs launch with `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N train.py --cpu`."
         )
+    checkpoint = _latest_checkpoint(output_dir) if resume else None
     set_seed(config.seed)
     processor = AutoProcessor.from_pretrained(model_path)
     model = _build_model(config, model_path, processor)
@@ -271,33 +307,35 @@ def train(
         len(list(model.parameters())),
     )
 
-    step, samples_seen = 0, 0
-    checkpoint = _latest_checkpoint(output_dir) if resume else None
+    progress = TrainingProgress()
+    accelerator.register_for_checkpointing(progress)
     if checkpoint is not None:
-        state = json.loads((checkpoint / STATE_FILE).read_text())
-        step, samples_seen = state["step"], state["samples_seen_per_process"]
+        accelerator.load_state(str(checkpoint))
+        logger.info("resumed from %s at step %d", checkpoint, progress.step)
 
+    # accelerate's `skip_first_batches` would build (decode, collate) every skipped sample: the stream skips its items
     stream = build_training_stream(
         sources,
         config.seed,
         accelerator.process_index,
         accelerator.num_processes,
         config.shuffle_buffer,
-        skip_per_process=samples_seen,
+        skip_per_process=progress.samples_seen_per_process,
     )
     builder = SampleBuilder(sources, OisaTrainingCollator(processor.tokenizer.pad_token_id))
     loader = DataLoader(
-        stream, batch_size=config.per_device_batch_size, collate_fn=builder, num_workers=0 if cpu else config.num_workers
+        stream,
+        batch_size=config.per_device_batch_size,
+        collate_fn=builder,
+        num_workers=0 if cpu else config.num_workers,
+        # its own generator: the seed its iterator draws would otherwise shift the RNG states `load_state` restored
+        generator=torch.Generator().manual_seed(config.seed),
     )
-    # the loader's iterator draws from the RNG: create it before the checkpoint's RNG states are restored, as the
-    # uninterrupted run created it before saving them
-    batches = iter(loader)
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        logger.info("resumed from %s at step %d", checkpoint, step)
 
     accelerator.init_trackers("oisa", config={"stage": config.stage, "total_steps": total_steps})
-    progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc="training")
+    progress_bar = tqdm(
+        total=total_steps, initial=progress.step, disable=not accelerator.is_local_main_process, desc="training"
+    )
     model.train()
     started, samples_since_log, bad_samples, loss_history = time.perf_counter(), 0, 0, []
     # the losses of the optimizer steps since the last log line, which reports their means
@@ -305,8 +343,8 @@ def train(
     failed_in_a_row, last_batch = 0, None
     # the `source:index` keys this process drew since the last log line
     drawn: list[str] = []
-    for batch in batches:
-        samples_seen += config.per_device_batch_size
+    for batch in loader:
+        progress.samples_seen_per_process += config.per_device_batch_size
         bad_samples += int(batch.pop("num_bad_samples"))
         drawn.extend(batch.pop("sample_keys"))
         usable = "input_ids" in batch
@@ -330,12 +368,12 @@ def train(
         samples_since_log += batch["input_ids"].shape[0] if usable else 0
         if not accelerator.sync_gradients:
             continue
-        step += 1
-        progress.update(1)
+        progress.step += 1
+        progress_bar.update(1)
         for name in LOGGED_LOSSES:
             if getattr(output, name) is not None:
                 window[name].append(getattr(output, name).detach().float())
-        if step % config.logging_steps == 0 or step == total_steps:
+        if progress.step % config.logging_steps == 0 or progress.step == total_steps:
             elapsed = time.perf_counter() - started
             logs = {
                 f"loss/{name}": accelerator.reduce(torch.stack(values).mean(), reduction="mean").item()
@@ -352,19 +390,19 @@ def train(
             )
             if torch.cuda.is_available():
                 logs["memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            accelerator.log(logs, step=step)
+            accelerator.log(logs, step=progress.step)
             losses = {key: value for key, value in logs.items() if key.startswith("loss/")}
             # every process's drawn samples, in process order, so that the data each step saw can be checked
-            loss_history.append({"step": step, **losses, "samples_per_process": gather_object([drawn])})
+            loss_history.append({"step": progress.step, **losses, "samples_per_process": gather_object([drawn])})
             drawn = []
-            progress.set_postfix(loss=f"{logs['loss/loss']:.4f}")
-            logger.info("step %d: %s", step, ", ".join(f"{key} {value:.4g}" for key, value in logs.items()))
+            progress_bar.set_postfix(loss=f"{logs['loss/loss']:.4f}")
+            logger.info("step %d: %s", progress.step, ", ".join(f"{key} {value:.4g}" for key, value in logs.items()))
             started, samples_since_log = time.perf_counter(), 0
-        if step % config.save_steps == 0 and step < total_steps:
-            _save_checkpoint(accelerator, output_dir, step, samples_seen)
-        if step >= total_steps:
+        if progress.step % config.save_steps == 0 and progress.step < total_steps:
+            _save_checkpoint(accelerator, output_dir, progress.step)
+        if progress.step >= total_steps:
             break
-    progress.close()
+    progress_bar.close()
 
     final_dir = output_dir / ("final-merged" if merge else "final")
     total_bad_samples = int(accelerator.reduce(torch.tensor(bad_samples, device=accelerator.device), reduction="sum"))
@@ -385,7 +423,7 @@ def train(
         (final_dir / STATE_FILE).write_text(
             json.dumps(
                 {
-                    "step": step,
+                    "step": progress.step,
                     "num_processes": accelerator.num_processes,
                     "distributed_type": accelerator.distributed_type.value,
                     "bad_samples": total_bad_samples,

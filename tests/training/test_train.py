@@ -1,6 +1,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -69,7 +70,9 @@ def run_train(workspace, output, *extra, processes=1, batch=None, background=Fal
                           "--output-dir", str(output), "--data", f"omniavs={workspace / 'omniavs'}", "--cpu", *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     if background:
-        return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # its own process group: killing the launcher alone would leave its training process running
+        return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads((output / ("final-merged" if "--merge" in extra else "final") / "trainer_state.json").read_text())
@@ -160,7 +163,7 @@ def test_killed_run_resumes_to_the_same_weights(workspace, four_steps, tmp_path)
         assert interrupted.poll() is None, interrupted.stderr.read()[-3000:]
         assert time.time() < deadline
         time.sleep(0.5)
-    interrupted.kill()
+    os.killpg(interrupted.pid, signal.SIGKILL)  # the launcher and the training process it started
     interrupted.wait()
     assert not (tmp_path / "cut" / "final").exists()
     resumed = run_train(workspace, tmp_path / "cut", "--max-steps", "4", "--resume")
@@ -191,6 +194,46 @@ def test_a_two_process_run_resumes_on_the_samples_it_would_have_drawn(workspace,
     whole_state, resumed_state = _final_state(tmp_path / "whole"), _final_state(tmp_path / "cut")
     for key in whole_state:
         torch.testing.assert_close(resumed_state[key], whole_state[key], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_is_accelerates_state_with_the_training_progress(four_steps):
+    """`Accelerator.save_state` wrote every checkpoint file, the `TrainingProgress` registered for checkpointing too."""
+    _, output = four_steps
+    checkpoint = output / "checkpoint-2"
+    assert sorted(path.name for path in checkpoint.iterdir()) == [
+        "custom_checkpoint_0.pkl", "model.safetensors", "optimizer.bin", "random_states_0.pkl", "scheduler.bin"]
+    progress = torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=True)
+    assert progress == {"step": 2, "samples_seen_per_process": 4}  # two steps of two samples
+    # written to a temporary folder and renamed; step 4 is the last, saved as the final model only
+    assert [path.name for path in output.iterdir() if "checkpoint-" in path.name] == ["checkpoint-2"]
+
+
+@pytest.mark.slow
+def test_resume_goes_on_where_the_restored_progress_says(workspace, four_steps, tmp_path):
+    """The step and data position come from the progress `load_state` restores, not from the folder's name."""
+    whole, output = four_steps
+    checkpoint = tmp_path / "ahead" / "checkpoint-2"
+    shutil.copytree(output / "checkpoint-2", checkpoint)
+    torch.save({"step": 3, "samples_seen_per_process": 6}, checkpoint / "custom_checkpoint_0.pkl")
+    resumed = run_train(workspace, tmp_path / "ahead", "--max-steps", "4", "--resume")
+    assert [entry["step"] for entry in resumed["log_history"]] == [4]
+    assert resumed["log_history"][0]["samples_per_process"] == whole["log_history"][3]["samples_per_process"]
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_checkpoint_of_the_old_format(workspace, tmp_path):
+    """A checkpoint that kept its position in trainer_state.json, not in Accelerate's registered state, cannot resume."""
+    old = tmp_path / "old" / "checkpoint-2"
+    old.mkdir(parents=True)
+    (old / "model.safetensors").write_bytes(b"")
+    (old / "trainer_state.json").write_text(json.dumps({"step": 2, "samples_seen_per_process": 4}))
+    launched = run_train(workspace, tmp_path / "old", "--max-steps", "4", "--resume", background=True)
+    _, stderr = launched.communicate(timeout=600)
+    assert launched.returncode != 0
+    assert f"train.py: {old} holds no training progress (custom_checkpoint_0.pkl" in stderr, stderr[-3000:]
+    assert "train the stage again without --resume" in stderr
+    assert not (tmp_path / "old" / "final").exists()
 
 
 def _final_state(output):

@@ -154,14 +154,19 @@ def test_fsdp_resumes_to_the_uninterrupted_run(workspace, fsdp, tmp_path):
     assert_same_training(resumed, remaining, merged_weights(workspace / "fsdp"), merged_weights(tmp_path / "fsdp"), base)
 
 
-def test_deepspeed_zero1_partitions_the_optimizer_and_trains_as_ddp(workspace, ddp):
+@pytest.fixture(scope="module")
+def zero1(workspace):
     if importlib.util.find_spec("deepspeed") is None:
         reason = "deepspeed is not installed (the `deepspeed` extra): the ZeRO-1 config is untested here"
         # CI installs the extra (.ci/run): there a missing deepspeed fails
         if os.environ.get("CI"):
             pytest.fail(reason)
         pytest.skip(reason)
-    state, log = launch(workspace, workspace / "zero1", "deepspeed_zero1.yaml")
+    return launch(workspace, workspace / "zero1", "deepspeed_zero1.yaml")
+
+
+def test_deepspeed_zero1_partitions_the_optimizer_and_trains_as_ddp(workspace, ddp, zero1):
+    state, log = zero1
     ddp_state, _ = ddp
     assert state["distributed_type"] == "DEEPSPEED"
     assert engine_line(log)[:2] == ("DEEPSPEED", "DeepSpeedEngine")
@@ -171,3 +176,18 @@ def test_deepspeed_zero1_partitions_the_optimizer_and_trains_as_ddp(workspace, d
                      "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     base = load_file(workspace / "tiny" / "model.safetensors")
     assert_same_training(state, ddp_state, merged_weights(workspace / "ddp"), merged_weights(workspace / "zero1"), base)
+
+
+def test_deepspeed_zero1_resumes_to_the_uninterrupted_run(workspace, zero1, tmp_path):
+    """
+    From its step-2 checkpoint (model and optimizer partitions through DeepSpeed's loader, RNG and the training
+    progress through Accelerate's), ZeRO-1 trains step 3 on the uninterrupted run's samples, to its losses and weights.
+    """
+    shutil.copytree(workspace / "zero1" / "checkpoint-2", tmp_path / "zero1" / "checkpoint-2")
+    resumed, log = launch(workspace, tmp_path / "zero1", "deepspeed_zero1.yaml", "--resume")
+    whole, _ = zero1
+    assert resumed["distributed_type"] == "DEEPSPEED" and "Loading DeepSpeed Model and Optimizer" in log
+    assert [entry["step"] for entry in resumed["log_history"]] == [3]
+    base = load_file(workspace / "tiny" / "model.safetensors")
+    remaining = {**whole, "log_history": whole["log_history"][2:]}
+    assert_same_training(resumed, remaining, merged_weights(workspace / "zero1"), merged_weights(tmp_path / "zero1"), base)
