@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoModel, AutoProcessor
 
     from modeling_oisa import TINY_SYNTHETIC_NAME, resolve_model_name
-    from processing_oisa.media import VideoReader, write_video
+    from processing_oisa.media import VideoReader, VideoWriter
     from processing_oisa.processing_oisa import OisaExpression
     from processing_oisa.segmenter import OisaVideoSegmenter
     from processing_oisa.visualization import contact_sheet, overlay_mask
@@ -78,31 +78,41 @@ def run(args: argparse.Namespace) -> int:
     model = AutoModel.from_pretrained(model_path, dtype=dtype).to(device).eval()
     processor = AutoProcessor.from_pretrained(model_path)
     segmenter = OisaVideoSegmenter(model, processor, chunk_size=args.chunk_size, max_new_tokens=args.max_new_tokens)
-    with tqdm(total=reader.info.num_frames, unit="frame", desc="segmenting", disable=None) as bar:
-        result = segmenter(reader, expression, soundtrack=args.soundtrack,
-                           progress=lambda done, total: bar.update(done - bar.n))
-
     out = Path(args.out)
-    (out / "masks").mkdir(parents=True, exist_ok=True)
+    info = reader.info
     sheet_tiles, sheet_labels = [], []
-    sheet_frames = set(np.linspace(0, reader.info.num_frames - 1, min(8, reader.info.num_frames)).round().astype(int))
-
-    def overlays():
-        # one frame at a time: the mask's PNG, the overlay for the video, and a tile for the contact sheet
-        for index, frame in reader.iter_frames():
-            mask = result.masks[index]
-            Image.fromarray(mask.astype(np.uint8) * 255).save(out / "masks" / f"{index:05d}.png")
-            overlay = overlay_mask(frame, mask)
-            if index in sheet_frames:
-                sheet_tiles.append(overlay)
-                sheet_labels.append(f"frame {index}  t={result.timestamps[index]:.2f}s  area={int(mask.sum())}")
-            yield overlay
-
-    times = reader.info.timestamps
+    sheet_frames = set(np.linspace(0, info.num_frames - 1, min(8, info.num_frames)).round().astype(int))
     # the source's own frame times, so that a variable frame rate keeps its timing
+    times = info.timestamps
     increasing = all(later > earlier for earlier, later in zip(times, times[1:]))
-    fps = reader.info.num_frames / reader.info.duration if reader.info.duration > 0 else 1.0
-    write_video(out / "overlay.mp4", overlays(), fps, timestamps=times if increasing else None)
+    fps = info.num_frames / info.duration if info.duration > 0 else 1.0
+    with VideoWriter(out / "overlay.mp4", fps, timestamps=times if increasing else None) as overlay_video:
+
+        def write_chunk(start: int, frames: list, masks: np.ndarray) -> None:
+            # as the mask head goes: each mask's PNG, its overlay into the video, a tile for the contact sheet
+            (out / "masks").mkdir(parents=True, exist_ok=True)
+            for index, frame, mask in zip(range(start, start + len(frames)), frames, masks):
+                Image.fromarray(mask.astype(np.uint8) * 255).save(out / "masks" / f"{index:05d}.png")
+                overlay = overlay_mask(frame, mask)
+                overlay_video.write(overlay)
+                if index in sheet_frames:
+                    sheet_tiles.append(overlay)
+                    sheet_labels.append(f"frame {index}  t={times[index]:.2f}s  area={int(mask.sum())}")
+
+        with tqdm(total=info.num_frames, unit="frame", desc="segmenting", disable=None) as bar:
+            result = segmenter(
+                reader,
+                expression,
+                soundtrack=args.soundtrack,
+                progress=lambda done, total: bar.update(done - bar.n),
+                on_masks=lambda start, frames, masks: write_chunk(start, frames, masks[0]),
+                keep_masks=False,
+            )
+        if overlay_video.count == 0:
+            # no [SEG] in the answer, so no mask pass: every frame's mask is empty
+            empty = np.zeros((1, info.height, info.width), dtype=bool)
+            for index, frame in reader.iter_frames():
+                write_chunk(index, [frame], empty)
     contact_sheet(sheet_tiles, sheet_labels).save(out / "contact_sheet.png")
     summary = {
         "video": str(args.video),

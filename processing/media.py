@@ -1,6 +1,5 @@
 """Decoding of videos, frame folders, images and audio with PyAV and PIL, audio resampled to 16 kHz with soxr."""
 
-import itertools
 import logging
 import math
 import re
@@ -204,6 +203,7 @@ class VideoReader:
     def __init__(self, path: str | Path, fps_for_folders: float = 1.0):
         self.path = _require_file(path, "Video")
         self.is_folder = self.path.is_dir()
+        self.frames: list[Image.Image] | None = None
         if self.is_folder:
             self.frame_paths = sorted(
                 (p for p in self.path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS),
@@ -213,6 +213,32 @@ class VideoReader:
                 raise OisaInputError(f"Frame folder {self.path} has no image files.")
             self.fps_for_folders = fps_for_folders
         self.info = self._probe()
+
+    @classmethod
+    def from_frames(cls, frames: np.ndarray | Sequence[Image.Image | np.ndarray], fps: float = 1.0) -> "VideoReader":
+        """
+        A video held in memory: a uint8 array (T, H, W, 3) or a list of PIL images or uint8 (H, W, 3) arrays, all of
+        one size, shown at `fps` frames a second; it has no soundtrack.
+        """
+        if isinstance(frames, (str, Path, Image.Image)) or not isinstance(frames, (np.ndarray, Sequence)):
+            raise OisaInputError(
+                f"The video is a {type(frames).__name__}; give a video file, a folder of frames, a uint8 array "
+                "(T, H, W, 3) or a list of frames."
+            )
+        images = [_frame_image(frame, index) for index, frame in enumerate(frames)]
+        if not images:
+            raise OisaInputError("The video has no frames.")
+        for index, image in enumerate(images):
+            if image.size != images[0].size:
+                raise OisaInputError(
+                    f"Frame {index} of the video is {image.width}x{image.height} but frame 0 is "
+                    f"{images[0].width}x{images[0].height}; the frames of a video must all have one size."
+                )
+        reader = cls.__new__(cls)
+        reader.path, reader.is_folder, reader.frames = Path("<frames in memory>"), False, images
+        count, (width, height) = len(images), images[0].size
+        reader.info = VideoInfo(count, [index / fps for index in range(count)], height, width, count / fps, False)
+        return reader
 
     def _probe(self) -> VideoInfo:
         if self.is_folder:
@@ -253,6 +279,9 @@ class VideoReader:
 
     def iter_frames(self) -> Iterator[tuple[int, Image.Image]]:
         """(index, RGB frame) for each of the `info.num_frames` frames, in order."""
+        if self.frames is not None:
+            yield from enumerate(self.frames)
+            return
         if self.is_folder:
             for index, frame_path in enumerate(self.frame_paths):
                 yield index, load_image(frame_path, "Frame")
@@ -278,7 +307,9 @@ class VideoReader:
         if outside:
             raise IndexError(f"Video {self.path} has {self.info.num_frames} frames; frame {outside[0]} was asked for.")
         found = {}
-        if self.is_folder:
+        if self.frames is not None:
+            found = {index: self.frames[index] for index in wanted}
+        elif self.is_folder:
             found = {index: load_image(self.frame_paths[index], "Frame") for index in wanted}
         else:
             last = max(wanted, default=-1)
@@ -296,9 +327,139 @@ class VideoReader:
         return decode_audio(self.path, what="Video", max_seconds=max_seconds)
 
 
+def _frame_image(frame: Image.Image | np.ndarray, index: int) -> Image.Image:
+    """One in-memory frame as an RGB image: a PIL image or a uint8 array (H, W, 3)."""
+    if isinstance(frame, Image.Image):
+        check_image(frame, f"Frame {index} of the video")
+        return frame.convert("RGB")
+    array = np.asarray(frame) if isinstance(frame, np.ndarray) else None
+    if array is None or array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != 3:
+        described = f"{array.dtype} {array.shape}" if array is not None else type(frame).__name__
+        raise OisaInputError(f"Frame {index} of the video is {described}; frames are uint8 (H, W, 3) or PIL images.")
+    image = Image.fromarray(array)
+    check_image(image, f"Frame {index} of the video")
+    return image
+
+
 def silent_soundtrack(duration: float, sampling_rate: int = SAMPLING_RATE) -> np.ndarray:
     """Silence as long as the video (at least one second), for videos without an audio track."""
     return np.zeros(max(int(math.ceil(duration * sampling_rate)), sampling_rate), dtype=np.float32)
+
+
+class VideoWriter:
+    """
+    Encodes frames pushed one at a time, (H, W, 3) uint8, and an optional waveform, (samples,) or (channels, samples)
+    with one or two channels, into a video file (mp4, mkv, webm, avi...): memory stays flat in the video's length.
+    `timestamps` (seconds, one per frame, increasing) keep a variable frame rate, e.g. a source's
+    [`VideoInfo.timestamps`]; without them frame `i` is shown at `i / fps`. Frames with an odd side are padded by
+    repeating their last row or column, as 4:2:0 video needs even sides. Use it as a context manager.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        fps: float,
+        audio: np.ndarray | None = None,
+        sampling_rate: int = SAMPLING_RATE,
+        codec: str = "libx264",
+        audio_codec: str = "aac",
+        timestamps: Sequence[float] | None = None,
+    ):
+        self.path, self.fps, self.codec, self.audio_codec, self.sampling_rate = path, fps, codec, audio_codec, sampling_rate
+        self.samples = None if audio is None else np.atleast_2d(np.asarray(audio, dtype=np.float32))
+        if self.samples is not None and (self.samples.ndim != 2 or self.samples.shape[0] not in AUDIO_LAYOUTS):
+            raise ValueError(
+                f"`audio` must be (samples,) or (channels, samples), 1 or 2 channels; got {np.shape(audio)}."
+            )
+        self.pts = None
+        if timestamps is not None:
+            self.pts = [round(time / TIMESTAMP_BASE) for time in timestamps]
+            if any(later <= earlier for earlier, later in zip(self.pts, self.pts[1:])):
+                raise ValueError("`timestamps` must give one increasing time per frame.")
+        self.count = 0
+        self.container = self.stream = self.frame_shape = None
+
+    def __enter__(self) -> "VideoWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is None:
+            self.close()
+        elif self.container is not None:
+            self.container.close()
+
+    def _open(self, frame_shape: tuple[int, ...]) -> None:
+        self.frame_shape = frame_shape
+        height, width = frame_shape[:2]
+        if height % 2 or width % 2:
+            logger.warning(
+                "Video %s: frames of %dx%d are padded to %dx%d (4:2:0 video needs even sides).",
+                self.path, width, height, width + width % 2, height + height % 2,
+            )
+        self.container = av.open(str(self.path), mode="w")
+        self.stream = self.container.add_stream(self.codec, rate=Fraction(self.fps).limit_denominator(1000))
+        self.stream.height, self.stream.width = height + height % 2, width + width % 2
+        self.stream.pix_fmt = "yuv420p"
+        if self.pts is not None:
+            self.stream.codec_context.time_base = TIMESTAMP_BASE
+        self.audio_stream = None
+        if self.samples is not None:
+            self.audio_stream = self.container.add_stream(self.audio_codec, rate=self.sampling_rate)
+            self.audio_stream.layout = AUDIO_LAYOUTS[self.samples.shape[0]]
+
+    def write(self, frame: np.ndarray | Image.Image) -> None:
+        """Encodes the next frame; every frame has the first one's size."""
+        frame = np.asarray(frame)
+        if self.container is None:
+            if frame.ndim != 3 or frame.shape[-1] != 3:
+                raise ValueError(f"`frames` must be (T, H, W, 3) with at least one frame; frame 0 is {frame.shape}.")
+            self._open(frame.shape)
+        if frame.shape != self.frame_shape:
+            raise ValueError(f"`frames`: frame {self.count} is {frame.shape}, frame 0 {self.frame_shape}.")
+        if self.pts is not None and self.count >= len(self.pts):
+            raise ValueError(f"`timestamps` must give one time per frame; there are more than {len(self.pts)} frames.")
+        height, width = self.frame_shape[:2]
+        if height % 2 or width % 2:
+            frame = np.pad(frame, ((0, height % 2), (0, width % 2), (0, 0)), mode="edge")
+        video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+        if self.pts is not None:
+            video_frame.pts, video_frame.time_base = self.pts[self.count], TIMESTAMP_BASE
+        for packet in self.stream.encode(video_frame):
+            self.container.mux(packet)
+        self.count += 1
+
+    def close(self) -> None:
+        """Flushes the video, writes the audio and closes the file."""
+        if self.container is None:
+            raise ValueError("`frames` must be (T, H, W, 3) with at least one frame; none was written.")
+        try:
+            for packet in self.stream.encode():
+                self.container.mux(packet)
+            if self.pts is not None and self.count != len(self.pts):
+                raise ValueError(
+                    f"`timestamps` must give one time per frame: {len(self.pts)} times for {self.count} frames."
+                )
+            if self.audio_stream is not None:
+                self._write_audio()
+        finally:
+            self.container.close()
+
+    def _write_audio(self) -> None:
+        layout = AUDIO_LAYOUTS[self.samples.shape[0]]
+        audio_frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(self.samples), format="fltp", layout=layout)
+        audio_frame.sample_rate = self.sampling_rate
+        # each encoder takes its own sample format and frame size
+        converter = av.AudioResampler(
+            format=self.audio_stream.codec_context.format.name,
+            layout=layout,
+            rate=self.sampling_rate,
+            frame_size=self.audio_stream.codec_context.frame_size or None,
+        )
+        for converted in [*converter.resample(audio_frame), *converter.resample(None)]:
+            for packet in self.audio_stream.encode(converted):
+                self.container.mux(packet)
+        for packet in self.audio_stream.encode():
+            self.container.mux(packet)
 
 
 def write_video(
@@ -312,77 +473,13 @@ def write_video(
     timestamps: Sequence[float] | None = None,
 ) -> None:
     """
-    Encodes frames (T, H, W, 3) uint8, or any iterable of (H, W, 3) frames, consumed one at a time so that memory stays
-    flat in the video's length, and an optional waveform, (samples,) or (channels, samples) with one or two channels,
-    into a video file (mp4, mkv, webm, avi...). `timestamps` (seconds, one per frame, increasing) keep a variable
-    frame rate, e.g. a source's [`VideoInfo.timestamps`]; without them frame `i` is shown at `i / fps`. Frames with an
-    odd side are padded by repeating their last row or column, as 4:2:0 video needs even sides.
+    Encodes frames (T, H, W, 3) uint8, or any iterable of (H, W, 3) frames, consumed one at a time, with an optional
+    waveform into a video file; see [`VideoWriter`].
     """
-    frame_iterator = iter(frames)
-    first = next(frame_iterator, None)
-    if first is None or np.ndim(first) != 3 or np.shape(first)[-1] != 3:
-        shape = np.shape(frames) if isinstance(frames, np.ndarray) else "no (H, W, 3) first frame"
-        raise ValueError(f"`frames` must be (T, H, W, 3) with at least one frame; got {shape}.")
-    frame_shape = np.shape(first)
-    samples = None if audio is None else np.atleast_2d(np.asarray(audio, dtype=np.float32))
-    if samples is not None and (samples.ndim != 2 or samples.shape[0] not in AUDIO_LAYOUTS):
-        raise ValueError(f"`audio` must be (samples,) or (channels, samples), 1 or 2 channels; got {np.shape(audio)}.")
-    pts = None
-    if timestamps is not None:
-        pts = [round(time / TIMESTAMP_BASE) for time in timestamps]
-        known_count = len(frames) if isinstance(frames, (np.ndarray, Sequence)) else len(pts)
-        if len(pts) != known_count or any(later <= earlier for earlier, later in zip(pts, pts[1:])):
-            raise ValueError(f"`timestamps` must give one increasing time per frame ({known_count} frames).")
-    height, width = frame_shape[:2]
-    padding = ((0, height % 2), (0, width % 2), (0, 0))
-    odd = bool(height % 2 or width % 2)
-    if odd:
-        logger.warning(
-            "Video %s: frames of %dx%d are padded to %dx%d (4:2:0 video needs even sides).",
-            path, width, height, width + width % 2, height + height % 2,
-        )
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
-        stream.height, stream.width = height + height % 2, width + width % 2
-        stream.pix_fmt = "yuv420p"
-        if pts is not None:
-            stream.codec_context.time_base = TIMESTAMP_BASE
-        audio_stream = None
-        if samples is not None:
-            layout = AUDIO_LAYOUTS[samples.shape[0]]
-            audio_stream = container.add_stream(audio_codec, rate=sampling_rate)
-            audio_stream.layout = layout
-        count = 0
-        for index, frame in enumerate(itertools.chain([first], frame_iterator)):
-            frame = np.asarray(frame)
-            if frame.shape != frame_shape:
-                raise ValueError(f"`frames`: frame {index} is {frame.shape}, frame 0 {frame_shape}.")
-            if pts is not None and index >= len(pts):
-                raise ValueError(f"`timestamps` must give one time per frame; there are more than {len(pts)} frames.")
-            count += 1
-            if odd:
-                frame = np.pad(frame, padding, mode="edge")
-            video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-            if pts is not None:
-                video_frame.pts, video_frame.time_base = pts[index], TIMESTAMP_BASE
-            for packet in stream.encode(video_frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-        if pts is not None and count != len(pts):
-            raise ValueError(f"`timestamps` must give one time per frame: {len(pts)} times for {count} frames.")
-        if audio_stream is not None:
-            audio_frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples), format="fltp", layout=layout)
-            audio_frame.sample_rate = sampling_rate
-            # each encoder takes its own sample format and frame size
-            converter = av.AudioResampler(
-                format=audio_stream.codec_context.format.name,
-                layout=layout,
-                rate=sampling_rate,
-                frame_size=audio_stream.codec_context.frame_size or None,
-            )
-            for converted in [*converter.resample(audio_frame), *converter.resample(None)]:
-                for packet in audio_stream.encode(converted):
-                    container.mux(packet)
-            for packet in audio_stream.encode():
-                container.mux(packet)
+    if isinstance(frames, np.ndarray) and (frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0):
+        raise ValueError(f"`frames` must be (T, H, W, 3) with at least one frame; got {frames.shape}.")
+    if timestamps is not None and isinstance(frames, (np.ndarray, Sequence)) and len(timestamps) != len(frames):
+        raise ValueError(f"`timestamps` must give one increasing time per frame ({len(frames)} frames).")
+    with VideoWriter(path, fps, audio, sampling_rate, codec, audio_codec, timestamps) as writer:
+        for frame in frames:
+            writer.write(frame)

@@ -14,7 +14,7 @@ from transformers import BatchFeature, GotOcr2ImageProcessorPil, ProcessorMixin,
 from transformers.processing_utils import ProcessingKwargs, Unpack
 from transformers.utils import TensorType
 
-from .media import SAMPLING_RATE, OisaInputError, decode_audio, load_image
+from .media import SAMPLING_RATE, OisaInputError, check_image, check_waveform, decode_audio, load_image
 from .prompts import (
     HERMES_2_CHAT_TEMPLATE,
     audio_token_count,
@@ -47,6 +47,10 @@ class OisaExpression:
     sound: AudioInput | None = None
     image: ImageInput | None = None
     explain: bool = False
+
+    def __post_init__(self) -> None:
+        if self.text is not None and not self.text.strip():
+            raise OisaInputError("The text expression is empty: give its words, or speech instead of text.")
 
     @property
     def type(self) -> str:
@@ -215,11 +219,12 @@ class OisaProcessor(ProcessorMixin):
     def load_audio(self, audio: AudioInput, what: str) -> np.ndarray:
         """A waveform (16 kHz mono) or an audio file, checked to be usable."""
         if isinstance(audio, (str, Path)):
-            waveform = decode_audio(audio, what=what)
+            # only the first MAX_AUDIO_SECONDS are used: decoding stops there
+            waveform = decode_audio(audio, what=what, max_seconds=MAX_AUDIO_SECONDS)
             name = str(audio)
         else:
-            waveform = np.asarray(audio, dtype=np.float32)
             name = f"the {what.lower()} waveform"
+            waveform = check_waveform(audio, f"{what} {name}")
             if waveform.ndim == 2:
                 waveform = waveform.mean(axis=0 if waveform.shape[0] < waveform.shape[1] else 1)
         if audio_token_count(waveform.size) == 0:
@@ -234,10 +239,18 @@ class OisaProcessor(ProcessorMixin):
         return waveform
 
     def load_image(self, image: ImageInput) -> Image.Image:
+        """The referring image as RGB: a file, a PIL image or a uint8 array (H, W, 3) or (H, W)."""
         if isinstance(image, (str, Path)):
             return load_image(image, "Referring image")
         if isinstance(image, np.ndarray):
-            return Image.fromarray(image).convert("RGB")
+            if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] not in (3, 4)):
+                raise OisaInputError(
+                    f"The referring image array is {image.dtype} {image.shape}; give uint8 (H, W, 3) or a PIL image."
+                )
+            image = Image.fromarray(image)
+        elif not isinstance(image, Image.Image):
+            raise OisaInputError(f"The referring image is a {type(image).__name__}; give a file, a PIL image or an array.")
+        check_image(image, "The referring image")
         return image.convert("RGB")
 
     def build_prompt(

@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from modeling_oisa import OisaCheckpointError
+
 from .media import OisaInputError, VideoReader, decode_audio, silent_soundtrack
-from .processing_oisa import AudioInput, OisaExpression, OisaProcessor
+from .processing_oisa import MAX_AUDIO_SECONDS, AudioInput, OisaExpression, OisaProcessor
 from .prompts import parse_answer
 
 
@@ -20,22 +22,20 @@ logger = logging.getLogger(__name__)
 class OisaSegmentation:
     """
     The result for one expression: the answer text (special tokens dropped), its explanation ("" when none), one
-    boolean mask (height, width) per frame at the frame's own size, the per-frame probability that the object is
-    present, the frame times in seconds and, when asked for, per-frame foreground probabilities (T, H, W).
+    boolean mask (height, width) per frame at the frame's own size (None when the caller took them chunk by chunk,
+    `keep_masks=False`), each mask's area in pixels, the per-frame probability that the object is present, the frame
+    times in seconds and, when asked for, per-frame foreground probabilities (T, H, W).
     """
 
     expression_type: str
     answer: str
     explanation: str
     has_seg: bool
-    masks: np.ndarray
+    masks: np.ndarray | None
     presence_scores: np.ndarray
+    mask_areas: list[int] = field(default_factory=list)
     timestamps: list[float] = field(default_factory=list)
     probabilities: np.ndarray | None = None
-
-    @property
-    def mask_areas(self) -> list[int]:
-        return [int(mask.sum()) for mask in self.masks]
 
 
 class OisaVideoSegmenter:
@@ -55,6 +55,10 @@ class OisaVideoSegmenter:
         max_new_tokens: int = 100,
         max_cached_frames: int = 16,
     ):
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type != "oisa":
+            name = getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
+            raise OisaCheckpointError(f"{name}: a {model_type or type(model).__name__} model, not OISA")
         self.model = model
         self.processor = processor
         self.chunk_size = chunk_size
@@ -67,28 +71,41 @@ class OisaVideoSegmenter:
 
     def __call__(
         self,
-        video: str | Path | VideoReader,
+        video: str | Path | VideoReader | np.ndarray | Sequence,
         expressions: OisaExpression | Sequence[OisaExpression],
         soundtrack: AudioInput | None = None,
         progress: Callable[[int, int], None] | None = None,
         return_probabilities: bool = False,
+        on_masks: Callable[[int, list, np.ndarray], None] | None = None,
+        keep_masks: bool = True,
     ) -> OisaSegmentation | list[OisaSegmentation]:
         """
-        video: a video file or a folder of frames; soundtrack: a separate audio file or waveform (by default the
+        video: a video file, a folder of frames, or frames in memory (a uint8 array (T, H, W, 3) or a list of PIL
+        images or arrays, at one frame a second); soundtrack: a separate audio file or waveform (by default the
         video's own; silence, with a warning, when it has none). `progress(done, total)` is called per chunk.
         `return_probabilities` also returns per-frame foreground probabilities at the frame size (Ref-AVS's metrics
-        need scores, not masks).
+        need scores, not masks). `on_masks(start, frames, masks)` receives each chunk as it is segmented: its frames
+        and the masks (expressions, frames, H, W) of the expressions answered with `[SEG]`, in order; with
+        `keep_masks=False` the results hold no masks, so memory stays flat in the video's length.
         """
         single = isinstance(expressions, OisaExpression)
         expressions = [expressions] if single else list(expressions)
         if not expressions:
             raise OisaInputError("No expression was given.")
-        reader = video if isinstance(video, VideoReader) else VideoReader(video)
+        if not all(isinstance(expression, OisaExpression) for expression in expressions):
+            raise OisaInputError("Expressions are OisaExpression objects.")
+        if isinstance(video, VideoReader):
+            reader = video
+        elif isinstance(video, (str, Path)):
+            reader = VideoReader(video)
+        else:
+            reader = VideoReader.from_frames(video)
         info = reader.info
+        # the model hears the first MAX_AUDIO_SECONDS: decoding stops there
         if isinstance(soundtrack, (str, Path)):
-            soundtrack = decode_audio(soundtrack, what="Soundtrack")
+            soundtrack = decode_audio(soundtrack, what="Soundtrack", max_seconds=MAX_AUDIO_SECONDS)
         elif soundtrack is None:
-            soundtrack = reader.soundtrack()
+            soundtrack = reader.soundtrack(max_seconds=MAX_AUDIO_SECONDS)
         if soundtrack is None:
             logger.warning("Video %s has no audio track; a silent soundtrack is used.", reader.path)
             soundtrack = silent_soundtrack(info.duration)
@@ -115,19 +132,23 @@ class OisaVideoSegmenter:
             ]
             seg_states = [state for _, state in answers if state is not None]
             if seg_states:
-                mask_logits, class_logits, probabilities = self._segment(
-                    reader, torch.cat(seg_states), cached_maps, progress, return_probabilities
+                mask_logits, areas, class_logits, probabilities = self._segment(
+                    reader, torch.cat(seg_states), cached_maps, progress, return_probabilities,
+                    frames if cache_all else None, on_masks, keep_masks,
                 )
             results, next_query = [], 0
             for expression, (parsed, state) in zip(expressions, answers):
                 size = (info.num_frames, info.height, info.width)
                 frame_probabilities = None
                 if state is None:
-                    masks, presence = np.zeros(size, dtype=bool), np.zeros(info.num_frames, dtype=np.float32)
+                    masks = np.zeros(size, dtype=bool) if keep_masks else None
+                    frame_areas, presence = [0] * info.num_frames, np.zeros(info.num_frames, dtype=np.float32)
                     if return_probabilities:
                         frame_probabilities = np.zeros(size, dtype=np.float32)
                 else:
-                    masks, presence = mask_logits[next_query], class_logits[next_query].softmax(-1)[:, 0].numpy()
+                    masks = mask_logits[next_query] if keep_masks else None
+                    frame_areas = areas[next_query].tolist()
+                    presence = class_logits[next_query].softmax(-1)[:, 0].numpy()
                     if return_probabilities:
                         frame_probabilities = probabilities[next_query]
                     next_query += 1
@@ -139,6 +160,7 @@ class OisaVideoSegmenter:
                         has_seg=parsed.has_seg,
                         masks=masks,
                         presence_scores=presence,
+                        mask_areas=frame_areas,
                         timestamps=list(info.timestamps),
                         probabilities=frame_probabilities,
                     )
@@ -158,6 +180,13 @@ class OisaVideoSegmenter:
         ).to(self.device)
         model, config = self.model, self.model.config
         input_ids = encoding["input_ids"]
+        positions = config.text_config.max_position_embeddings
+        if input_ids.shape[1] + self.max_new_tokens > positions:
+            words = f" (its text is {len(expression.text)} characters)" if expression.text is not None else ""
+            raise OisaInputError(
+                f"The prompt is {input_ids.shape[1]} tokens{words}: with {self.max_new_tokens} new tokens it passes "
+                f"the {positions} positions the model takes; shorten the expression."
+            )
         image_embeds = vision_embeds
         if expression.image is not None:
             image_embeds = torch.cat([vision_embeds, model.get_vision_embeddings(encoding["pixel_values"])])
@@ -191,17 +220,32 @@ class OisaVideoSegmenter:
             seg_position -= 1
         return parsed, hidden[seg_position][None]
 
-    def _segment(self, reader: VideoReader, seg_states: torch.Tensor, cached_maps, progress, return_probabilities):
-        """Mask head over every frame in chunks, the queries of all expressions carried together."""
+    def _segment(
+        self,
+        reader: VideoReader,
+        seg_states: torch.Tensor,
+        cached_maps,
+        progress,
+        return_probabilities: bool,
+        cached_frames: list | None,
+        on_masks,
+        keep_masks: bool,
+    ):
+        """
+        Mask head over every frame in chunks, the queries of all expressions carried together. Returns the masks
+        (expressions, T, H, W) when `keep_masks`, each mask's area, the presence logits and the probabilities.
+        """
         model, config = self.model, self.model.config
         info = reader.info
         size = (info.height, info.width)
+        num_queries = seg_states.shape[0]
         query_position, query_content = model.mask_head.query_decoder.initial_queries(seg_states)
-        masks = np.zeros((seg_states.shape[0], info.num_frames, info.height, info.width), dtype=bool)
-        probabilities = np.zeros(masks.shape, dtype=np.float32) if return_probabilities else None
-        class_logits = torch.zeros(seg_states.shape[0], info.num_frames, 2)
+        masks = np.zeros((num_queries, info.num_frames, *size), dtype=bool) if keep_masks else None
+        areas = np.zeros((num_queries, info.num_frames), dtype=np.int64)
+        probabilities = np.zeros((num_queries, info.num_frames, *size), dtype=np.float32) if return_probabilities else None
+        class_logits = torch.zeros(num_queries, info.num_frames, 2)
         chunk, start = [], 0
-        frame_source = ((index, None) for index in range(info.num_frames)) if cached_maps is not None else reader.iter_frames()
+        frame_source = enumerate(cached_frames) if cached_frames is not None else reader.iter_frames()
         for index, frame in frame_source:
             chunk.append(frame)
             if len(chunk) < self.chunk_size and index < info.num_frames - 1:
@@ -215,8 +259,12 @@ class OisaVideoSegmenter:
             query_content = decoded.query_content
             chunk_masks = self.processor.post_process_masks(
                 decoded, size, mask_upsampling=config.mask_upsampling, presence_gating=config.use_presence_gating
-            )
-            masks[:, start : start + len(chunk)] = chunk_masks.cpu().numpy()
+            ).cpu().numpy()
+            areas[:, start : start + len(chunk)] = chunk_masks.sum(axis=(2, 3))
+            if keep_masks:
+                masks[:, start : start + len(chunk)] = chunk_masks
+            if on_masks is not None:
+                on_masks(start, chunk, chunk_masks)
             if return_probabilities:
                 chunk_probabilities = self.processor.post_process_masks(
                     decoded,
@@ -231,4 +279,4 @@ class OisaVideoSegmenter:
             chunk = []
             if progress is not None:
                 progress(start, info.num_frames)
-        return masks, class_logits, probabilities
+        return masks, areas, class_logits, probabilities
