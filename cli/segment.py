@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
     from transformers import AutoModel, AutoProcessor
 
-    from modeling_oisa import TINY_SYNTHETIC_NAME, resolve_model_name
+    from modeling_oisa import TINY_SYNTHETIC_NAME, OisaCheckpointError, resolve_model_name
     from processing_oisa.media import VideoReader, VideoWriter
     from processing_oisa.processing_oisa import OisaExpression
     from processing_oisa.segmenter import OisaVideoSegmenter
@@ -75,8 +75,12 @@ def run(args: argparse.Namespace) -> int:
         logger.info("no --model given: using %s, the small model trained on synthetic shapes", TINY_SYNTHETIC_NAME)
     model_path = resolve_model_name(args.model)
     reader = VideoReader(args.video)
-    model = AutoModel.from_pretrained(model_path, dtype=dtype).to(device).eval()
-    processor = AutoProcessor.from_pretrained(model_path)
+    try:
+        model = AutoModel.from_pretrained(model_path, dtype=dtype).to(device).eval()
+        processor = AutoProcessor.from_pretrained(model_path)
+    except OSError as error:
+        # online, a misspelt Hub id ends here
+        raise OisaCheckpointError(f"{args.model}: no such local folder or Hub repo, or it cannot be read ({error})") from error
     segmenter = OisaVideoSegmenter(model, processor, chunk_size=args.chunk_size, max_new_tokens=args.max_new_tokens)
     out = Path(args.out)
     info = reader.info

@@ -225,3 +225,11 @@ def test_segment_writes_a_one_pixel_video_and_keeps_a_variable_frame_rate(model_
                       "--out", str(tmp_path / "o2"), "--max-new-tokens", "2"]) == 0
     overlay = VideoReader(tmp_path / "o2" / "overlay.mp4").info
     assert overlay.timestamps == pytest.approx(VideoReader(tmp_path / "vfr.mp4").info.timestamps, abs=1e-3)
+
+
+def test_segment_names_a_hub_repo_that_cannot_be_loaded(video, tmp_path, caplog, monkeypatch):
+    # online, a misspelt Hub id passes the local checks and fails in from_pretrained: one line, exit code 2
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    with mock.patch("transformers.AutoModel.from_pretrained", side_effect=OSError("nobody/oisa is not a valid model")):
+        assert oisa_main(["segment", str(video), "--text", "a", "--model", "nobody/oisa", "--out", str(tmp_path)]) == 2
+    assert "nobody/oisa: no such local folder or Hub repo" in caplog.text
