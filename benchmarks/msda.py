@@ -6,8 +6,12 @@ queries and 4 points. Prints, per shape, forward and forward+backward times (med
 implementations, their ratio and each one's peak memory above the inputs (process RSS sampled every millisecond on
 CPU, `torch.cuda.max_memory_allocated` on GPU).
 
-    python benchmarks/msda.py                  # fp32 on CPU
-    python benchmarks/msda.py --device cuda    # fp32 on a GPU (add --dtype bfloat16 for bf16)
+With `--dtype bfloat16` (or float16) our op also runs on float32 copies of the same rounded inputs, alternating with
+the others, and the last column is our time in that dtype over our float32 time.
+
+    python benchmarks/msda.py                       # fp32 on CPU
+    python benchmarks/msda.py --dtype bfloat16      # bf16 on CPU, against our fp32
+    python benchmarks/msda.py --device cuda         # fp32 on a GPU (add --dtype bfloat16 for bf16)
 """
 
 import argparse
@@ -117,13 +121,23 @@ def main() -> None:
             args.batch, locations.shape[1], shape["heads"] * shape["channels"], device=device, dtype=dtype
         )
         leaves = [tensor.clone().requires_grad_() for tensor in (value, locations, weights)]
+
+        def ours(v, loc, w, levels=shape["levels"]):
+            return oisa_kernels.ms_deform_attn(v, levels, None, loc, w)
+
         implementations = {
-            "ours": lambda v, loc, w, levels=shape["levels"]: oisa_kernels.ms_deform_attn(v, levels, None, loc, w),
+            "ours": ours,
             "torch": lambda v, loc, w, levels=shape["levels"]: multi_scale_deformable_attention(v, levels, loc, w),
         }
         for key, function in implementations.items():
             runs[name, "forward", key] = forward_run(function, value, locations, weights)
             runs[name, "fwd+bwd", key] = forward_backward_run(function, leaves, grad_output)
+        if dtype != torch.float32:
+            wide = [tensor.float() for tensor in (value, locations, weights)]
+            runs[name, "forward", "ours float32"] = forward_run(ours, *wide)
+            runs[name, "fwd+bwd", "ours float32"] = forward_backward_run(
+                ours, [tensor.clone().requires_grad_() for tensor in wide], grad_output.float()
+            )
 
     times = {}
     for name in SHAPES:
@@ -133,14 +147,19 @@ def main() -> None:
     memory = {key: peak_memory(run, device) for key, run in runs.items()}
 
     columns = ("ours s", "torch s", "speed-up", "ours MiB", "torch MiB")
+    if dtype != torch.float32:
+        columns += ("ours fp32 s", "vs fp32")
     print(f"{'shape':18s} {'pass':8s} " + " ".join(f"{column:>9s}" for column in columns))
     for name in SHAPES:
         for label in ("forward", "fwd+bwd"):
-            ours, reference = (name, label, "ours"), (name, label, "torch")
-            print(
+            ours, reference, wide = (name, label, "ours"), (name, label, "torch"), (name, label, "ours float32")
+            row = (
                 f"{name:18s} {label:8s} {times[ours]:9.3f} {times[reference]:9.3f} "
                 f"{times[reference] / times[ours]:8.1f}x {memory[ours] / 2**20:9.0f} {memory[reference] / 2**20:9.0f}"
             )
+            if wide in times:
+                row += f" {times[wide]:11.3f} {times[ours] / times[wide]:8.2f}x"
+            print(row)
     print(f"backend of ours: {oisa_kernels.last_backend()}")
 
 

@@ -1,5 +1,6 @@
 """Multi-scale deformable attention shared by the ViT-Adapter and the pixel decoder."""
 
+import contextlib
 import math
 
 import torch
@@ -126,16 +127,27 @@ def cell_centre_reference_points(
 
 def forward_in_float32(module: nn.Module, *args: torch.Tensor, **kwargs) -> object:
     """
-    Runs `module` in float32 on float32 copies of its floating parameters and tensor inputs, as CUDA autocast with
-    `dtype=float32` does in the original; gradients still reach the low-precision parameters.
+    Runs `module` in float32, as CUDA autocast with `dtype=float32` does in the original: floating tensor inputs are
+    cast to float32 and autocast is off inside. `OisaForReferringSegmentation` keeps the parameters of these modules in
+    float32 in every dtype, so a call costs only the casts of its inputs (and the caller's cast of the output). A module
+    whose parameters were cast to a lower precision all the same (DeepSpeed's and FSDP's bf16 training cast every
+    parameter themselves) runs on float32 copies of them, made on each call, through which gradients still reach them.
     """
+    args = tuple(_to_float32(value) for value in args)
+    kwargs = {name: _to_float32(value) for name, value in kwargs.items()}
     params = dict(module.named_parameters())
-    if all(p.dtype == torch.float32 for p in params.values()):
-        return module(*[_to_float32(a) for a in args], **{k: _to_float32(v) for k, v in kwargs.items()})
-    float_params = {name: p.float() for name, p in params.items()}
-    args = tuple(_to_float32(a) for a in args)
-    kwargs = {k: _to_float32(v) for k, v in kwargs.items()}
-    return torch.func.functional_call(module, float_params, args, kwargs)
+    device_type = next(iter(params.values())).device.type
+    with _autocast_off(device_type):
+        if all(param.dtype == torch.float32 for param in params.values()):
+            return module(*args, **kwargs)
+        float_params = {name: param.float() for name, param in params.items()}
+        return torch.func.functional_call(module, float_params, args, kwargs)
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _to_float32(value: object) -> object:

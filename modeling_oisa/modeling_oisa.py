@@ -1,6 +1,8 @@
 """OISA: InternViT + ViT-Adapter, Qwen2, a Whisper encoder and a `[SEG]`-driven mask head."""
 
 import os
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -20,7 +22,7 @@ from .deformable_attention import OisaMultiscaleDeformableAttention
 from .losses import point_mask_losses, presence_loss
 from .mask_head import OisaMaskHead, OisaQueryDecoder, OisaQueryDecoderLayer, OisaQueryDecoderOutput
 from .pretrained import OisaCheckpointError, check_model_folder, find_original_checkpoint
-from .vision_adapter import OisaViTAdapter
+from .vision_adapter import OisaExtractorAttention, OisaViTAdapter
 
 
 class ImageTokenMode(IntEnum):
@@ -50,6 +52,10 @@ MULTIMODAL_INPUT_NAMES = (
     "gt_masks",
     "gt_mask_valid",
 )
+
+
+# dtypes in which the deformable-attention blocks keep float32 weights (`deformable_attention_fp32`)
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 class OisaInjectionError(ValueError):
@@ -203,6 +209,38 @@ class OisaPreTrainedModel(PreTrainedModel):
         elif isinstance(module, OisaQueryDecoder):
             init.normal_(module.level_embed.weight, std=1.0)
 
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "OisaPreTrainedModel":
+        """
+        As `nn.Module._apply`, except that the tensors of `_keep_in_fp32_modules_strict` stay float32 when `fn` casts
+        them to float16 or bfloat16 (`model.to(torch.bfloat16)`, `.bfloat16()`, `.half()`), as they do on loading;
+        device moves still apply, and they keep their full float32 values.
+        """
+        kept = self._float32_tensor_ids()
+        if not kept:
+            return super()._apply(fn, recurse)
+
+        def keep_float32(tensor: torch.Tensor) -> torch.Tensor:
+            converted = fn(tensor)
+            if id(tensor) in kept and tensor.dtype == torch.float32 and converted.dtype in LOW_PRECISION:
+                return tensor.to(converted.device)
+            return converted
+
+        return super()._apply(keep_float32, recurse)
+
+    def _float32_tensor_ids(self) -> set[int]:
+        """Ids of the parameters, their gradients and the buffers that `_keep_in_fp32_modules_strict` names."""
+        if not self._keep_in_fp32_modules_strict:
+            return set()
+        # the patterns as transformers matches them on loading: `*` is a wildcard, searched anywhere in the name
+        pattern = re.compile("|".join(name.replace("*", ".*") for name in self._keep_in_fp32_modules_strict))
+        ids = set()
+        for name, tensor in [*self.named_parameters(), *self.named_buffers()]:
+            if pattern.search(name):
+                ids.add(id(tensor))
+                if tensor.grad is not None:
+                    ids.add(id(tensor.grad))
+        return ids
+
 
 class OisaForReferringSegmentation(OisaPreTrainedModel, GenerationMixin):
     """
@@ -228,7 +266,20 @@ class OisaForReferringSegmentation(OisaPreTrainedModel, GenerationMixin):
             config.audio_config.d_model, config.text_config.hidden_size, config.projector_hidden_act
         )
         self.mask_head = OisaMaskHead(config)
+        # the blocks that run in float32 (the extractors' deformable attention and the pixel decoder) keep float32
+        # weights in a bfloat16 or float16 model: on loading (transformers reads `_keep_in_fp32_modules_strict`), when
+        # cast (`_apply`) and when built under a lower-precision default dtype (below), so that a call only casts its
+        # activations
+        float32_blocks = (OisaExtractorAttention, Mask2FormerPixelDecoder)
+        float32_modules = [
+            name
+            for name, module in self.named_modules()
+            if config.deformable_attention_fp32 and isinstance(module, float32_blocks)
+        ]
+        self._keep_in_fp32_modules_strict = float32_modules
         self.post_init()
+        for name in float32_modules:
+            self.get_submodule(name)._apply(lambda tensor: tensor.float() if tensor.dtype in LOW_PRECISION else tensor)
 
     @classmethod
     def from_pretrained(

@@ -42,7 +42,8 @@ def ms_deform_attn(
     fallback always assumes);
     sampling_locations (N, Lq, M, L, P, 2) are normalised (x, y) in [0, 1]; attention_weights (N, Lq, M, L, P).
     Returns (N, Lq, M * D) in value's dtype: for each head, the attention-weighted sum over levels and points of the
-    bilinear samples (zero padding, pixel centres at (i + 0.5) / size), as `ms_deform_attn_reference`.
+    bilinear samples (zero padding, pixel centres at (i + 0.5) / size), as `ms_deform_attn_reference`. float16 and
+    bfloat16 are summed in float32 by the compiled kernels; their locations and weights may be float32.
     """
     backend = backend_for(value.device.type)
     if backend == "torch":
