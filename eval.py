@@ -59,6 +59,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-bad", action="store_true", help="skip (and count) records the readers reject")
     parser.add_argument("--max-new-tokens", type=int, default=100, help="answer length, as evaluate.py")
     parser.add_argument("--limit", type=int, help="evaluate only the first N expressions")
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="auto: bfloat16 on GPUs and on CPUs with bfloat16 matrix units (AMX, avx512_bf16), float32 elsewhere",
+    )
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error, not only its message")
     parser.add_argument(
         "--card", type=Path, metavar="DIR", help="also write DIR/README.md, a model card with the results"
@@ -129,7 +135,9 @@ def evaluate(args: argparse.Namespace) -> int:
         # a bad template or a missing field fails now rather than after the evaluation
         render_model_card(args.card_template, None, **fields)
     tasks = load_tasks(args.dataset, args.data_root, splits, skip_bad=args.skip_bad, limit=args.limit)
-    segmenter = load_segmenter(args.model, accelerator.device, profile=args.profile, max_new_tokens=args.max_new_tokens)
+    segmenter = load_segmenter(
+        args.model, accelerator.device, profile=args.profile, max_new_tokens=args.max_new_tokens, dtype=args.dtype
+    )
     identity = run_identity(args.model, args.dataset, args.data_root, segmenter)
     if accelerator.is_main_process:
         claim_output(args.out, identity)

@@ -23,7 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when available)")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="auto: bfloat16 on GPUs and on CPUs with bfloat16 matrix units (AMX, avx512_bf16), float32 elsewhere",
+    )
     parser.add_argument("--chunk-size", type=int, default=8, help="frames through the mask head at once")
     parser.add_argument("--max-new-tokens", type=int, default=100)
 
@@ -58,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoModel, AutoProcessor
 
     from modeling_oisa import TINY_SYNTHETIC_NAME, OisaCheckpointError, resolve_model_name
+    from modeling_oisa.precision import resolve_dtype
     from processing_oisa.media import VideoReader, VideoWriter
     from processing_oisa.processing_oisa import OisaExpression
     from processing_oisa.segmenter import OisaVideoSegmenter
@@ -65,8 +71,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_arguments(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16}[args.dtype]
+    dtype = resolve_dtype(args.dtype, device)
     expression = OisaExpression(text=args.text, speech=args.speech, sound=args.sound, image=args.image,
                                 explain=args.explain)
     expression_type = expression.type

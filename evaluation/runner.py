@@ -20,6 +20,7 @@ from torch.nn import functional as F
 from transformers import AutoModel, AutoProcessor
 
 from modeling_oisa import PROFILE_SWITCHES
+from modeling_oisa.precision import resolve_dtype
 from processing_oisa.data.errors import OisaDataError
 from processing_oisa.data.omniavs import OmniAVSReader, OmniAVSRecord
 from processing_oisa.data.refavs import RefAVSReader, RefAVSRecord
@@ -124,11 +125,18 @@ def apply_profile(model: torch.nn.Module, processor: Any, profile: str) -> None:
 
 
 def load_segmenter(
-    model_path: str, device: torch.device, *, profile: str | None = None, max_new_tokens: int = 100
+    model_path: str,
+    device: torch.device,
+    *,
+    profile: str | None = None,
+    max_new_tokens: int = 100,
+    dtype: str | torch.dtype = "auto",
 ) -> OisaVideoSegmenter:
-    """The model (bfloat16 on GPUs, float32 elsewhere) and its processor, with `profile` applied when given."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = AutoModel.from_pretrained(model_path, dtype=dtype).to(device).eval()
+    """
+    The model and its processor, with `profile` applied when given; `dtype` "auto" is bfloat16 on GPUs and on CPUs with
+    bfloat16 matrix units, float32 elsewhere (`modeling_oisa.precision.resolve_dtype`).
+    """
+    model = AutoModel.from_pretrained(model_path, dtype=resolve_dtype(dtype, device)).to(device).eval()
     processor = AutoProcessor.from_pretrained(model_path)
     if profile is not None:
         apply_profile(model, processor, profile)
@@ -154,6 +162,7 @@ def run_identity(
         "dataset": dataset,
         "data_root": str(Path(data_root).resolve()),
         "max_new_tokens": segmenter.max_new_tokens,
+        "dtype": str(segmenter.model.dtype).removeprefix("torch."),
         "behaviour": behaviour(segmenter),
     }
 

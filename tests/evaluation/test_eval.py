@@ -24,7 +24,8 @@ from processing_oisa.data.synthetic import make_synthetic_dataset
 
 EVAL_SCRIPT = Path(__file__).resolve().parents[2] / "eval.py"
 SMALL = {"num_frames": 4, "height": 48, "width": 64}
-FAST = ["--max-new-tokens", "4"]
+# float32 whatever the CPU: runs are compared number for number
+FAST = ["--max-new-tokens", "4", "--dtype", "float32"]
 
 
 def _load_script():

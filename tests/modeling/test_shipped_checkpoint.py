@@ -46,7 +46,8 @@ def evaluate_held_out(seed: int, workspace: Path) -> list[dict]:
     data, out = workspace / f"held-out-{seed}", workspace / f"eval-{seed}"
     held_out = ["--format", "omniavs", "--videos", "40", "--seed", str(seed), "--split", "test"]
     assert oisa_main(["make-synthetic", str(data), *held_out]) == 0
-    command = [sys.executable, str(REPO / "eval.py"), "--model", "oisa-tiny-synthetic", "--dataset", "omniavs"]
+    command = [sys.executable, str(REPO / "eval.py"), "--model", "oisa-tiny-synthetic", "--dataset", "omniavs",
+               "--dtype", "float32"]
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     subprocess.run([*command, "--data-root", str(data), "--out", str(out)], check=True, timeout=1200, env=environment)
     results = [json.loads(line) for path in out.glob("results-*.jsonl") for line in path.read_text().splitlines()]
