@@ -9,7 +9,9 @@ HELP = "segment a synthetic clip for several expression types with OISA-tiny-syn
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("oisa-demo"), help="output folder (default: oisa-demo)")
-    parser.add_argument("--model", default="oisa-tiny-synthetic", help="checkpoint folder, Hub id or oisa-tiny-synthetic")
+    parser.add_argument(
+        "--model", default="oisa-tiny-synthetic", help="checkpoint folder, Hub id or oisa-tiny-synthetic"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the clip's motion")
     parser.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when available)")
 

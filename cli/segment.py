@@ -85,7 +85,9 @@ def run(args: argparse.Namespace) -> int:
         processor = AutoProcessor.from_pretrained(model_path)
     except OSError as error:
         # online, a misspelt Hub id ends here
-        raise OisaCheckpointError(f"{args.model}: no such local folder or Hub repo, or it cannot be read ({error})") from error
+        raise OisaCheckpointError(
+            f"{args.model}: no such local folder or Hub repo, or it cannot be read ({error})"
+        ) from error
     segmenter = OisaVideoSegmenter(model, processor, chunk_size=args.chunk_size, max_new_tokens=args.max_new_tokens)
     out = Path(args.out)
     info = reader.info
