@@ -54,7 +54,7 @@ def write_tiny_random(output_dir: Path, seed: int, preset: str = "reference") ->
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     processor = OisaProcessor.from_model_config(config, tokenizer)
     if preset == "synthetic":
-        # the LLM sees as many frames at inference as configs/oisa_tiny_synthetic.json shows it in training
+        # the LLM sees as many frames at inference as configs/tiny_synthetic/oisa_tiny_synthetic.json shows in training
         processor.video_processor.max_visible_frames = SYNTHETIC_VISIBLE_FRAMES
         processor.video_processor.num_dense_frames = SYNTHETIC_DENSE_FRAMES
     model.save_pretrained(output_dir)

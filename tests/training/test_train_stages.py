@@ -94,7 +94,7 @@ def test_tiny_synthetic_reading_part_trains_on_still_images_and_conversations(ti
     small = {"num_frames": 1, "height": 48, "width": 64}
     make_synthetic_dataset(tmp_path / "images", "grefcoco", num_videos=2, seed=1, split="train", **small)
     make_synthetic_dataset(tmp_path / "text", "image_text", num_videos=2, seed=2, split="train", **small)
-    config = write_stage_config("oisa_tiny_synthetic_reading.json", tmp_path / "reading.json", logging_steps=1)
+    config = write_stage_config("tiny_synthetic/oisa_tiny_synthetic_reading.json", tmp_path / "reading.json", logging_steps=1)
     data = {"grefcoco": tmp_path / "images", "image_text": tmp_path / "text"}
     losses = run_stage(config, tiny, tmp_path / "run", data)
     assert lowered(losses), losses
