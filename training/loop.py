@@ -433,5 +433,10 @@ def train(
             )
         )
     accelerator.wait_for_everyone()
+    # the DDP wrapper goes while the process group is still registered: freed after `end_training`, its reducer would
+    # run the gloo group's destructor holding the GIL that the group's worker thread may need to finish the last
+    # barrier (a deadlock seen once, a two-process run hanging at exit)
+    del model
+    accelerator.free_memory()
     accelerator.end_training()
     return final_dir
