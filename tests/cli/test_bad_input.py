@@ -233,3 +233,21 @@ def test_segment_names_a_hub_repo_that_cannot_be_loaded(video, tmp_path, caplog,
     with mock.patch("transformers.AutoModel.from_pretrained", side_effect=OSError("nobody/oisa is not a valid model")):
         assert oisa_main(["segment", str(video), "--text", "a", "--model", "nobody/oisa", "--out", str(tmp_path)]) == 2
     assert "nobody/oisa: no such local folder or Hub repo" in caplog.text
+
+
+def test_segment_dtype_auto_follows_the_cpu(model_dir, video, tmp_path):
+    # `--dtype auto` (the default) loads bfloat16 where the CPU has bfloat16 matrix units, float32 elsewhere
+    for has_bf16, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        loaded = []
+        real = AutoModel.from_pretrained
+
+        def record(*args, **kwargs):
+            loaded.append(kwargs["dtype"])
+            return real(*args, **kwargs)
+
+        with mock.patch("modeling_oisa.precision.cpu_has_bf16_matmul", return_value=has_bf16), mock.patch(
+            "transformers.AutoModel.from_pretrained", side_effect=record
+        ):
+            assert oisa_main(["segment", str(video), "--text", "a", "--model", str(model_dir), "--out",
+                              str(tmp_path / str(has_bf16)), "--max-new-tokens", "2"]) == 0
+        assert loaded == [expected]

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -256,3 +257,13 @@ def test_segmenter_probabilities_match_its_masks(model_dir, omniavs_root):
     assert result.probabilities.shape == result.masks.shape and result.probabilities.dtype == "float32"
     assert ((result.probabilities > 0.5) == result.masks).mean() > 0.999
     assert segmenter(video, expression, soundtrack=soundtrack).probabilities is None
+
+
+def test_auto_dtype_follows_the_cpu(model_dir):
+    from oisa_evaluation.runner import load_segmenter
+
+    for has_bf16, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        with mock.patch("modeling_oisa.precision.cpu_has_bf16_matmul", return_value=has_bf16):
+            segmenter = load_segmenter(str(model_dir), torch.device("cpu"), dtype="auto")
+        assert segmenter.model.dtype == expected
+    assert load_segmenter(str(model_dir), torch.device("cpu"), dtype="float32").model.dtype == torch.float32
