@@ -27,8 +27,13 @@ class OisaCheckpointError(ValueError):
     """
 
 
-# model types a folder may declare: ours, and the original's, which is converted on load
+# model types an OISA folder may declare: ours, and the original's, which is converted on load
 LOADABLE_MODEL_TYPES = ("oisa", ORIGINAL_MODEL_TYPE)
+# EEMC, the package's second model family (`modeling_refavs`, which imports this package, so it is named here)
+REFAVS_MODEL_TYPE = "refavs_eemc"
+# model types the entry points (`oisa segment`, train.py, eval.py) accept: both families
+ENTRY_POINT_MODEL_TYPES = (*LOADABLE_MODEL_TYPES, REFAVS_MODEL_TYPE)
+FAMILY_NAMES = {"oisa": "OISA", ORIGINAL_MODEL_TYPE: "OISA", REFAVS_MODEL_TYPE: "EEMC"}
 
 
 def tiny_synthetic_path() -> Path:
@@ -45,17 +50,18 @@ def tiny_synthetic_path() -> Path:
     return path
 
 
-def resolve_model_name(name_or_path: str) -> str:
+def resolve_model_name(name_or_path: str, model_types: tuple[str, ...] = ENTRY_POINT_MODEL_TYPES) -> str:
     """
     A shipped checkpoint's name (`oisa-tiny-synthetic`) -> its folder; any other folder or Hub id unchanged, after
-    checking that it can be loaded (see [`check_model_folder`]): a path that is no folder, or a Hub id that is not in
-    the cache while offline, fails at once rather than after the Hub's retries.
+    checking that it can be loaded (see [`check_model_folder`]; a folder may declare any of `model_types`, by default
+    an OISA or an EEMC): a path that is no folder, or a Hub id that is not in the cache while offline, fails at once
+    rather than after the Hub's retries.
     """
     if name_or_path == TINY_SYNTHETIC_NAME:
         return str(tiny_synthetic_path())
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        check_model_folder(path)
+        check_model_folder(path, model_types=model_types)
         return str(path)
     if path.exists():
         raise OisaCheckpointError(f"{name_or_path}: a file, not a model folder")
@@ -77,11 +83,13 @@ def _is_repo_id(name: str) -> bool:
     return len(parts) == 2 and all(part and set(part) <= allowed for part in parts)
 
 
-def check_model_folder(folder: str | os.PathLike, config_given: bool = False) -> None:
+def check_model_folder(
+    folder: str | os.PathLike, config_given: bool = False, model_types: tuple[str, ...] = LOADABLE_MODEL_TYPES
+) -> None:
     """
     Refuses, with one message naming the file, a local folder that `from_pretrained` would fail on later or load
-    wrongly: no or unreadable `config.json` (unless `config_given`), another `model_type`, no weights, pickle-only
-    weights (never unpickled), a safetensors file that is truncated or corrupt.
+    wrongly: no or unreadable `config.json` (unless `config_given`), a `model_type` not in `model_types` (by default
+    OISA's), no weights, pickle-only weights (never unpickled), a safetensors file that is truncated or corrupt.
     """
     folder = Path(folder)
     config_path = folder / "config.json"
@@ -94,9 +102,10 @@ def check_model_folder(folder: str | os.PathLike, config_given: bool = False) ->
             model_type = json.loads(config_path.read_text()).get("model_type")
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as error:
             raise OisaCheckpointError(f"{config_path}: not a readable JSON config ({error})") from error
-    if model_type not in LOADABLE_MODEL_TYPES:
+    if model_type not in model_types:
+        families = " or ".join(dict.fromkeys(FAMILY_NAMES.get(name, name) for name in model_types))
         raise OisaCheckpointError(
-            f"{config_path}: model_type {model_type!r} is not OISA (expected one of {', '.join(LOADABLE_MODEL_TYPES)})"
+            f"{config_path}: model_type {model_type!r} is not {families} (expected one of {', '.join(model_types)})"
         )
     safetensors = sorted(folder.glob("*.safetensors"))
     if not safetensors:

@@ -6,7 +6,7 @@ EEMC, the Ref-AVS benchmark's baseline (ECCV 2024), as a transformers model. Imp
 
 from transformers import AutoConfig, AutoModel
 
-from .configuration_refavs import PROFILE_SWITCHES, PROFILES, RefAvsConfig
+from .configuration_refavs import PROFILE_SWITCHES, PROFILES, RefAvsConfig, VggishConfig
 from .modeling_refavs import (
     RefAvsAdaptedDeformableAttention,
     RefAvsForReferringSegmentation,
@@ -16,6 +16,7 @@ from .modeling_refavs import (
     RefAvsTransformerModule,
     cached_memory,
 )
+from .modeling_vggish import VggishAudioEncoder, VggishPostprocessor
 
 
 AutoConfig.register("refavs_eemc", RefAvsConfig)
@@ -31,5 +32,8 @@ __all__ = [
     "RefAvsPreTrainedModel",
     "RefAvsQueryPrompter",
     "RefAvsTransformerModule",
+    "VggishAudioEncoder",
+    "VggishConfig",
+    "VggishPostprocessor",
     "cached_memory",
 ]

@@ -1,4 +1,7 @@
-"""Configuration of EEMC, the Ref-AVS benchmark's baseline (Wang et al., ECCV 2024, GitHub GeWu-Lab/Ref-AVS)."""
+"""
+Configuration of EEMC, the Ref-AVS benchmark's baseline (Wang et al., ECCV 2024, GitHub GeWu-Lab/Ref-AVS), and of its
+VGGish audio encoder.
+"""
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, Mask2FormerConfig, PreTrainedConfig
@@ -70,6 +73,65 @@ DISTILROBERTA_BASE = {
 
 
 @strict
+class VggishConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`VggishAudioEncoder`], VGGish (Hershey et al., ICASSP 2017) as EEMC runs it. Defaults are the
+    public VGGish (the torchvggish state dict) with the output the original's towhee operator `audio_embedding.vggish`
+    returns: the last linear layer's output without ReLU, PCA or quantisation (docs/refavs-eemc.md, "VGGish").
+
+    Args:
+        num_frames (`int`, *optional*, defaults to 96):
+            Log-mel frames of one example (0.96 s at a 10 ms hop).
+        num_mel_bins (`int`, *optional*, defaults to 64):
+            Mel bands of one example.
+        conv_channels (`list[list[int]]`, *optional*, defaults to `[[64], [128], [256, 256], [512, 512]]`):
+            Output channels of the 3x3 convolutions (each followed by a ReLU), one list per stage; every stage ends
+            with a 2x2 max-pool.
+        hidden_sizes (`list[int]`, *optional*, defaults to `[4096, 4096]`):
+            Widths of the fully connected layers (each followed by a ReLU) between the convolutions and the embedding.
+        embedding_size (`int`, *optional*, defaults to 128):
+            Width of the embedding, one vector per example.
+        final_relu (`bool`, *optional*, defaults to `False`):
+            ReLU on the embedding layer's output. torchvggish applies it; towhee's VGGish, which the original runs,
+            does not.
+        postprocess (`bool`, *optional*, defaults to `False`):
+            AudioSet's post-processing (torchvggish's `Postprocessor`): PCA with whitening, clipping to [-2, 2] and
+            8-bit quantisation to the values 0..255 (returned as floats). The original does not apply it.
+    """
+
+    model_type = "vggish"
+
+    num_frames: int = 96
+    num_mel_bins: int = 64
+    conv_channels: list[list[int]] | None = None
+    hidden_sizes: list[int] | None = None
+    embedding_size: int = 128
+    final_relu: bool = False
+    postprocess: bool = False
+
+    def __post_init__(self, **kwargs):
+        if self.conv_channels is None:
+            self.conv_channels = [[64], [128], [256, 256], [512, 512]]
+        if self.hidden_sizes is None:
+            self.hidden_sizes = [4096, 4096]
+        if not self.conv_channels or not all(self.conv_channels):
+            raise ValueError(f"`conv_channels` needs at least one stage of one convolution; got {self.conv_channels}.")
+        downsampling = 2 ** len(self.conv_channels)
+        if self.num_frames % downsampling or self.num_mel_bins % downsampling:
+            raise ValueError(
+                f"An example of {self.num_frames} x {self.num_mel_bins} cannot pass {len(self.conv_channels)} 2x2 "
+                f"max-pools evenly; both sides must be multiples of {downsampling}."
+            )
+        super().__post_init__(**kwargs)
+
+    @property
+    def flattened_size(self) -> int:
+        """Width of the last convolution stage's map flattened, the first linear layer's input."""
+        downsampling = 2 ** len(self.conv_channels)
+        return self.conv_channels[-1][-1] * (self.num_frames // downsampling) * (self.num_mel_bins // downsampling)
+
+
+@strict
 class RefAvsConfig(PreTrainedConfig):
     r"""
     Configuration of [`RefAvsForReferringSegmentation`], the EEMC baseline of Ref-AVS. Defaults are the released
@@ -81,8 +143,11 @@ class RefAvsConfig(PreTrainedConfig):
             The Mask2Former (Swin backbone, pixel decoder, masked-attention decoder) that segments every frame.
         text_config (`dict` or `PreTrainedConfig`, *optional*):
             The RoBERTa text encoder (the original runs it in its dataset, frozen).
+        audio_config (`dict` or `VggishConfig`, *optional*):
+            The VGGish audio encoder (the original runs it in its dataset, frozen). `None`: the model has none and
+            takes precomputed `audio_features` only.
         audio_feature_dim (`int`, *optional*, defaults to 128):
-            Width of the audio features (VGGish, one vector per second).
+            Width of the audio features (VGGish, one vector per 0.96 s); equals `audio_config.embedding_size`.
         fusion_dim (`int`, *optional*, defaults to 1024):
             Width of the fusion tokens; the Swin's last stage must have this many channels.
         projection_hidden_dim (`int`, *optional*, defaults to 2048):
@@ -114,10 +179,12 @@ class RefAvsConfig(PreTrainedConfig):
     sub_configs_defaults = {
         "mask2former_config": SubConfigSpec(config_class=Mask2FormerConfig, init_kwargs=MASK2FORMER_SWIN_BASE_ADE),
         "text_config": SubConfigSpec(config_class=AutoConfig, model_type="roberta", init_kwargs=DISTILROBERTA_BASE),
+        "audio_config": SubConfigSpec(config_class=VggishConfig, optional=True),
     }
 
     mask2former_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
+    audio_config: dict | VggishConfig | None = None
     audio_feature_dim: int = 128
     fusion_dim: int = 1024
     projection_hidden_dim: int = 2048
@@ -155,6 +222,11 @@ class RefAvsConfig(PreTrainedConfig):
             raise ValueError(
                 f"`fusion_dim` ({self.fusion_dim}) must equal the Swin's last-stage channels ({last_stage_channels}): "
                 "the visual tokens enter the fusion without a projection."
+            )
+        if self.audio_config is not None and self.audio_config.embedding_size != self.audio_feature_dim:
+            raise ValueError(
+                f"`audio_feature_dim` ({self.audio_feature_dim}) must equal the audio encoder's `embedding_size` "
+                f"({self.audio_config.embedding_size})."
             )
 
     @property

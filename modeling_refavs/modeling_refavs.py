@@ -5,6 +5,7 @@ memory, the per-frame integration, the prompt projection, the prompt-driven quer
 binary read-out and the loss. The `release` profile reproduces the released code (spec refavs.md §2.3).
 """
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,7 @@ from transformers import AutoModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.mask2former.modeling_mask2former import (
+    Mask2FormerPixelDecoder,
     Mask2FormerPixelLevelModule,
     Mask2FormerPixelLevelModuleOutput,
     Mask2FormerTransformerModule,
@@ -22,6 +24,7 @@ from transformers.models.mask2former.modeling_mask2former import (
 from modeling_oisa.deformable_attention import OisaMultiscaleDeformableAttention
 
 from .configuration_refavs import RefAvsConfig
+from .modeling_vggish import VggishAudioEncoder, VggishPostprocessor
 
 
 @dataclass
@@ -195,6 +198,13 @@ class RefAvsPreTrainedModel(PreTrainedModel):
         if isinstance(module, RefAvsQueryPrompter):
             init.ones_(module.attention_gate)
             init.ones_(module.pool_gate)
+        elif isinstance(module, Mask2FormerPixelDecoder):
+            # a bare parameter that PreTrainedModel's own init leaves as allocated; N(0, 1) as Mask2Former's init
+            init.normal_(module.level_embed, std=1.0)
+        elif isinstance(module, VggishPostprocessor):
+            # the identity until the real PCA parameters are loaded
+            init.eye_(module.pca_eigen_vectors)
+            init.zeros_(module.pca_means)
         elif isinstance(module, RefAvsAdaptedDeformableAttention):
             init.zeros_(module.sampling_offsets.weight)
             init.copy_(module.sampling_offsets.bias, module.offset_grid())
@@ -240,11 +250,89 @@ class RefAvsForReferringSegmentation(RefAvsPreTrainedModel):
         self.audio_text_attention = nn.MultiheadAttention(dim, config.fusion_num_heads)
         self.visual_text_attention = nn.MultiheadAttention(dim, config.fusion_num_heads)
         self.integration_attention = nn.MultiheadAttention(dim, config.fusion_num_heads)
+        # VGGish, frozen: the original runs it in its dataset and never trains it
+        self.audio_encoder = None
+        if config.audio_config is not None:
+            self.audio_encoder = VggishAudioEncoder(config.audio_config).requires_grad_(False)
         self.post_init()
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike | None, *model_args, **kwargs
+    ) -> "RefAvsForReferringSegmentation":
+        r"""
+        Loads EEMC from our format, or from an original checkpoint, converted in memory: the released
+        `ckpt_best_miou.pth` (`torch.save` of the original model's state dict, read with `weights_only=True`) or a
+        folder holding it, with the text encoder the original loads from the Hub in `text_encoder/` beside it and,
+        optionally, torchvggish's `vggish.pth` and the Mask2Former's `mask2former_config.json` (docs/refavs-eemc.md,
+        "Checkpoints"). The sizes come from the weights. For an original, `text_encoder`, `vggish`,
+        `vggish_pca_params` and `mask2former_config` name those parts elsewhere, and a `RefAvsConfig` field the
+        weights cannot say is a keyword argument (`profile="fixed"`, `fusion_num_heads=8`, `audio_config={...}`).
+        """
+        try:
+            # the package's loader of original checkpoints; Hub remote code carries the model, which loads our format
+            from modeling_refavs.pretrained import (
+                ORIGINAL_CONFIG_FIELDS,
+                ORIGINAL_PARTS,
+                OisaCheckpointError,
+                find_original_checkpoint,
+            )
+        except ImportError:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        checkpoint = None
+        if pretrained_model_name_or_path is not None:
+            checkpoint = find_original_checkpoint(pretrained_model_name_or_path)
+        if checkpoint is None:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        if kwargs.get("config") is not None:
+            raise OisaCheckpointError(
+                f"{pretrained_model_name_or_path} is an original EEMC checkpoint, whose config is rebuilt from its "
+                "weights: give what they cannot say as RefAvsConfig fields (profile=..., fusion_num_heads=...), not "
+                "config="
+            )
+        try:
+            from modeling_refavs.conversion import convert_original_in_memory
+        except ImportError as error:
+            raise OisaCheckpointError(
+                f"{pretrained_model_name_or_path}: the EEMC converter is not installed"
+            ) from error
+
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        if isinstance(dtype, str) and dtype != "auto":
+            dtype = getattr(torch, dtype)
+        parts = {name: kwargs.pop(name) for name in ORIGINAL_PARTS if name in kwargs}
+        overrides = {name: kwargs.pop(name) for name in ORIGINAL_CONFIG_FIELDS if name in kwargs}
+        converted = convert_original_in_memory(
+            checkpoint,
+            cls,
+            **parts,
+            dtype=dtype if isinstance(dtype, torch.dtype) else None,
+            config_overrides=overrides,
+        )
+        kwargs.pop("config", None)
+        loaded = super().from_pretrained(
+            None, *model_args, config=converted.config, state_dict=converted.state_dict, **kwargs
+        )
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model.config.name_or_path = str(pretrained_model_name_or_path)
+        return loaded
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids (B, L) -> text features (B, L, text_hidden), the encoder's last hidden state."""
         return self.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def encode_audio(self, audio_input_features: torch.Tensor) -> torch.Tensor:
+        """
+        VGGish log-mel examples (B, N, 96, 64) -> audio features (B, N, audio_feature_dim). VGGish runs without
+        autograd whatever its parameters' `requires_grad` (which `from_pretrained` sets back to True): the original
+        computes these features in its dataset and never trains VGGish.
+        """
+        if self.audio_encoder is None:
+            raise ValueError(
+                "This model has no audio encoder (`config.audio_config` is None): give precomputed `audio_features`."
+            )
+        with torch.no_grad():
+            return self.audio_encoder(audio_input_features)
 
     def pixel_level(self, frames: torch.Tensor) -> Mask2FormerPixelLevelModuleOutput:
         """Swin and pixel decoder over frames (N, 3, H, W), with the Swin run as `swin_small_map_windows` says."""
@@ -350,25 +438,33 @@ class RefAvsForReferringSegmentation(RefAvsPreTrainedModel):
     def forward(
         self,
         pixel_values: torch.Tensor,
-        audio_features: torch.Tensor,
+        audio_features: torch.Tensor | None = None,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         text_features: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        audio_input_features: torch.Tensor | None = None,
         **kwargs,
     ) -> RefAvsOutput:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch_size, num_frames, 3, height, width)`):
             The frames of each clip.
-        audio_features (`torch.FloatTensor` of shape `(batch_size, audio_steps, audio_feature_dim)`):
-            VGGish features of each clip.
+        audio_features (`torch.FloatTensor` of shape `(batch_size, audio_steps, audio_feature_dim)`, *optional*):
+            Precomputed VGGish features of each clip, instead of `audio_input_features`.
         input_ids, attention_mask (`torch.LongTensor` of shape `(batch_size, text_tokens)`, *optional*):
             The expression's token ids; the mask acts inside the text encoder only (as released).
         text_features (`torch.FloatTensor` of shape `(batch_size, text_tokens, text_hidden)`, *optional*):
             Precomputed text-encoder states, instead of `input_ids`.
         labels (`torch.FloatTensor` of shape `(batch_size, num_frames, mask_size, mask_size)`, *optional*):
             0/1 target masks; gives the BCE loss.
+        audio_input_features (`torch.FloatTensor` of shape `(batch_size, audio_steps, 96, 64)`, *optional*):
+            VGGish log-mel examples of each clip (`VggishFeatureExtractor`), run through the audio encoder; needs
+            `config.audio_config`.
         """
+        if (audio_features is None) == (audio_input_features is None):
+            raise ValueError("Give exactly one of `audio_features` and `audio_input_features`.")
+        if audio_features is None:
+            audio_features = self.encode_audio(audio_input_features)
         if text_features is None:
             if input_ids is None:
                 raise ValueError("Give either `input_ids` or `text_features`.")

@@ -1,6 +1,7 @@
 """Files <-> tensors <-> masks: media decoding, prompts, special tokens, the processor, the segmenter and the pipeline.
 
-Importing it registers `OisaProcessor` with AutoProcessor for the `oisa` model type.
+Importing it registers `OisaProcessor` with AutoProcessor for the `oisa` model type, and EEMC's `RefAvsProcessor`
+(`processing_oisa.refavs_eemc`) for the `refavs_eemc` one.
 """
 
 from transformers import AutoProcessor
@@ -18,6 +19,7 @@ from .processing_oisa import (
     upsample_masks,
 )
 from .prompts import EXPRESSION_TYPES, frame_token_modes, target_answer
+from .refavs_eemc import RefAvsProcessor
 from .segmenter import OisaSegmentation, OisaVideoSegmenter
 from .tokenization_oisa import NAMED_SPECIAL_TOKENS, OISA_SPECIAL_TOKENS
 from .video_processing_oisa import OisaVideoProcessor
@@ -38,6 +40,7 @@ __all__ = [
     "OisaSegmentation",
     "OisaVideoProcessor",
     "OisaVideoSegmenter",
+    "RefAvsProcessor",
     "VideoReader",
     "decode_audio",
     "frame_token_modes",

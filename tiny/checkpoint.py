@@ -1,4 +1,7 @@
-"""`oisa tiny-random`'s writer: a tiny OISA with random weights and its processor, loadable with the Auto classes."""
+"""
+`oisa tiny-random`'s writers: a tiny OISA, or a tiny EEMC, with random weights and its processor, loadable with the
+Auto classes.
+"""
 
 import logging
 from pathlib import Path
@@ -6,11 +9,15 @@ from pathlib import Path
 import torch
 
 from modeling_oisa import OisaForReferringSegmentation
+from modeling_refavs import RefAvsForReferringSegmentation
 from processing_oisa.data.synthetic import expression_corpus
 from processing_oisa.processing_oisa import OisaProcessor
 from processing_oisa.prompts import RELEASE_SYSTEM_MESSAGE
+from processing_oisa.refavs_eemc.processing_refavs import RefAvsProcessor
 
 from .models import init_tiny_synthetic_weights, tiny_oisa_config, tiny_synthetic_config
+from .refavs import TINY_TEXT, tiny_refavs_config
+from .refavs_tokenizer import build_tiny_refavs_tokenizer
 from .tokenizer import build_tiny_tokenizer
 
 
@@ -60,3 +67,19 @@ def write_tiny_random(output_dir: Path, seed: int, preset: str = "reference") ->
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
     logger.info("wrote a tiny random OISA (%d parameters) to %s", model.num_parameters(), output_dir)
+
+
+def write_tiny_random_refavs(output_dir: Path, seed: int, profile: str = "release") -> None:
+    """
+    Writes a tiny EEMC with random weights (`tiny_refavs_config` with its tiny VGGish, the text encoder's vocabulary
+    that of the tiny RoBERTa tokenizer) and its processor, loadable with `AutoModel` / `AutoProcessor` once
+    `modeling_refavs` and `processing_oisa` are imported.
+    """
+    tokenizer = build_tiny_refavs_tokenizer()
+    config = tiny_refavs_config(profile, with_vggish=True, text_config={**TINY_TEXT, "vocab_size": len(tokenizer)})
+    torch.manual_seed(seed)
+    model = RefAvsForReferringSegmentation(config)
+    processor = RefAvsProcessor.from_model_config(config, tokenizer)
+    model.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+    logger.info("wrote a tiny random EEMC (%d parameters) to %s", model.num_parameters(), output_dir)

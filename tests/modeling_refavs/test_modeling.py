@@ -4,55 +4,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel
 
-from modeling_refavs import PROFILE_SWITCHES, RefAvsConfig, RefAvsForReferringSegmentation, cached_memory
-
-
-def tiny_config(**overrides) -> RefAvsConfig:
-    mask2former = {
-        "backbone_config": {
-            "model_type": "swin",
-            "embed_dim": 16,
-            "depths": [1, 1, 1, 2],
-            "num_heads": [1, 2, 2, 4],
-            "window_size": 2,
-            "image_size": 64,
-            "out_features": ["stage1", "stage2", "stage3", "stage4"],
-        },
-        "num_labels": 3,
-        "num_queries": 8,
-        "hidden_dim": 32,
-        "feature_size": 32,
-        "mask_feature_size": 32,
-        "num_attention_heads": 4,
-        "encoder_layers": 1,
-        "decoder_layers": 3,
-        "encoder_feedforward_dim": 32,
-        "dim_feedforward": 32,
-    }
-    text = {
-        "model_type": "roberta",
-        "vocab_size": 40,
-        "hidden_size": 24,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "intermediate_size": 32,
-        "max_position_embeddings": 40,
-        "type_vocab_size": 1,
-        "pad_token_id": 1,
-    }
-    values = {
-        "mask2former_config": mask2former,
-        "text_config": text,
-        "audio_feature_dim": 12,
-        "fusion_dim": 128,
-        "projection_hidden_dim": 48,
-        "fusion_num_heads": 4,
-        "prompt_num_heads": 4,
-        "adapter_hidden_dim": 8,
-        "mask_size": 32,
-    }
-    values.update(overrides)
-    return RefAvsConfig(**values)
+from modeling_refavs import PROFILE_SWITCHES, RefAvsForReferringSegmentation, cached_memory
+from oisa_tiny.refavs import tiny_refavs_config
 
 
 def make_inputs(batch_size: int = 2, num_frames: int = 3, seed: int = 0) -> dict:
@@ -69,23 +22,23 @@ def make_inputs(batch_size: int = 2, num_frames: int = 3, seed: int = 0) -> dict
 @pytest.fixture(scope="module", params=["release", "fixed"])
 def tiny_model(request):
     torch.manual_seed(0)
-    return RefAvsForReferringSegmentation(tiny_config(profile=request.param)).eval()
+    return RefAvsForReferringSegmentation(tiny_refavs_config(profile=request.param)).eval()
 
 
 def test_profiles_set_every_switch_and_a_switch_stands_alone():
     for profile in ("release", "fixed"):
-        config = tiny_config(profile=profile)
+        config = tiny_refavs_config(profile=profile)
         assert {switch: getattr(config, switch) for switch in PROFILE_SWITCHES} == {
             switch: values[profile] for switch, values in PROFILE_SWITCHES.items()
         }
-    mixed = tiny_config(profile="release", integration_attention_over="tokens")
+    mixed = tiny_refavs_config(profile="release", integration_attention_over="tokens")
     assert mixed.integration_attention_over == "tokens" and mixed.visual_token_layout == "flat_view"
     with pytest.raises(ValueError, match="integration_attention_over"):
-        tiny_config(integration_attention_over="frames")
+        tiny_refavs_config(integration_attention_over="frames")
     with pytest.raises(ValueError, match="profile"):
-        tiny_config(profile="paper")
+        tiny_refavs_config(profile="paper")
     with pytest.raises(ValueError, match="fusion_dim"):
-        tiny_config(fusion_dim=64)
+        tiny_refavs_config(fusion_dim=64)
 
 
 def test_cached_memory_closed_forms():
@@ -125,7 +78,7 @@ def test_release_mixes_the_batch_and_fixed_does_not():
     batch = lambda other: {k: torch.cat([first[k], other[k]]) for k in first}  # noqa: E731
     for profile, mixes in (("release", True), ("fixed", False)):
         torch.manual_seed(0)
-        model = RefAvsForReferringSegmentation(tiny_config(profile=profile)).eval()
+        model = RefAvsForReferringSegmentation(tiny_refavs_config(profile=profile)).eval()
         with torch.no_grad():
             with_a = model(**batch(partner_a)).integrated_tokens[0]
             with_b = model(**batch(partner_b)).integrated_tokens[0]
@@ -134,7 +87,7 @@ def test_release_mixes_the_batch_and_fixed_does_not():
 
 
 def test_auto_classes_and_save_load_round_trip(tmp_path):
-    values = tiny_config().to_dict()
+    values = tiny_refavs_config().to_dict()
     assert values.pop("model_type") == "refavs_eemc"
     config = AutoConfig.for_model("refavs_eemc", **values)
     torch.manual_seed(0)
@@ -154,7 +107,7 @@ def test_swin_small_map_windows():
     last_maps = {}
     for mode in ("always_partition", "clamp"):
         torch.manual_seed(0)
-        model = RefAvsForReferringSegmentation(tiny_config(swin_small_map_windows=mode)).eval()
+        model = RefAvsForReferringSegmentation(tiny_refavs_config(swin_small_map_windows=mode)).eval()
         with torch.no_grad():
             ours = model.pixel_level(frames)
             if mode == "always_partition":
@@ -169,8 +122,8 @@ def test_swin_small_map_windows():
 def test_new_parts_start_as_the_original_leaves_them():
     # release: N(0, 0.02) adapter weights in series, gates at 1 (what the original's from_pretrained gives); fixed:
     # a residual adapter that starts as the identity
-    release = RefAvsForReferringSegmentation(tiny_config(profile="release"))
-    fixed = RefAvsForReferringSegmentation(tiny_config(profile="fixed"))
+    release = RefAvsForReferringSegmentation(tiny_refavs_config(profile="release"))
+    fixed = RefAvsForReferringSegmentation(tiny_refavs_config(profile="fixed"))
     assert release.query_prompter.attention_gate.item() == release.query_prompter.pool_gate.item() == 1.0
     release_adapter = release.pixel_level_module.decoder.encoder.layers[0].self_attn.adapter
     assert 0.015 < release_adapter[2].weight.std().item() < 0.025 and not release_adapter[2].bias.any()
@@ -183,3 +136,14 @@ def test_new_parts_start_as_the_original_leaves_them():
         adapted = attention(hidden, **kwargs)[0]
         plain = super(type(attention), attention).forward(hidden, **kwargs)[0]
     assert torch.equal(adapted, plain)
+
+
+def test_every_parameter_of_a_new_model_is_initialised():
+    # torch.empty-backed parameters that no init touches hold whatever memory they got (once NaN in the pixel
+    # decoder's level embedding)
+    torch.manual_seed(0)
+    model = RefAvsForReferringSegmentation(tiny_refavs_config())
+    for name, parameter in model.named_parameters():
+        assert torch.isfinite(parameter).all(), name
+    level_embed = model.pixel_level_module.decoder.level_embed
+    assert 0.8 < level_embed.std().item() < 1.2 and abs(level_embed.mean().item()) < 0.2
