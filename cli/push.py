@@ -10,15 +10,18 @@ logger = logging.getLogger("oisa")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model_dir", type=Path, help="the checkpoint folder (save_pretrained, oisa convert, train.py)")
+    parser.add_argument(
+        "model_dir", type=Path, help="the checkpoint folder, OISA or EEMC (save_pretrained, oisa convert, train.py)"
+    )
     parser.add_argument("repo_id", help="the model repo to create or update, owner/name")
     parser.add_argument(
         "--private", action="store_true", help="create the repo private (an existing one keeps its visibility)"
     )
     parser.add_argument(
         "--card-template",
-        default="fine-tune",
-        help="model card template: oisa-1b, oisa-tiny-synthetic, fine-tune (default) or a template file",
+        default=None,
+        help="model card template: for OISA oisa-1b, oisa-tiny-synthetic or fine-tune (the default), for EEMC "
+        "refavs-eemc (the default), or a template file",
     )
     parser.add_argument("--metrics", type=Path, help="an eval.py metrics.json whose results go into the card")
     parser.add_argument(

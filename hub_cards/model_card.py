@@ -1,6 +1,7 @@
 """
-Model cards of OISA checkpoints: the Jinja templates of `hub_cards/` rendered into a `huggingface_hub.ModelCard`, with
-the results of an `eval.py` run (its `metrics.json`) written into the card's `model-index` and its results section.
+Model cards of this package's checkpoints, OISA's and EEMC's: the Jinja templates of `hub_cards/` rendered into a
+`huggingface_hub.ModelCard`, with the results of an `eval.py` run (its `metrics.json`) written into the card's
+`model-index` and its results section.
 
 Only measured numbers go into `model-index`. huggingface_hub groups model-index entries by task, dataset, config and
 split, not by source, so the paper's numbers for the same split would merge into one entry with ours; the OISA-1B
@@ -25,12 +26,22 @@ from huggingface_hub.repocard_data import eval_results_to_model_index, model_ind
 
 import oisa_hub_cards
 from modeling_oisa import PROFILE_SWITCHES
+from modeling_refavs import PROFILE_SWITCHES as REFAVS_PROFILE_SWITCHES
 from oisa_evaluation.report import ROMAN, omniavs_table, refavs_table
 from processing_oisa.prompts import EXPRESSION_TYPES
 
 
 TEMPLATE_DIR = Path(oisa_hub_cards.__file__).resolve().parent
-TEMPLATES = ("oisa-1b", "oisa-tiny-synthetic", "fine-tune")
+TEMPLATES = ("oisa-1b", "oisa-tiny-synthetic", "fine-tune", "refavs-eemc")
+# the model type (config.json `model_type`) each shipped template describes
+TEMPLATE_MODEL_TYPES = {
+    "oisa-1b": "oisa",
+    "oisa-tiny-synthetic": "oisa",
+    "fine-tune": "oisa",
+    "refavs-eemc": "refavs_eemc",
+}
+# each model type's behaviour switches with their `release` and `fixed` values
+PROFILE_SWITCHES_BY_MODEL_TYPE = {"oisa": PROFILE_SWITCHES, "refavs_eemc": REFAVS_PROFILE_SWITCHES}
 TASK_TYPE = "image-segmentation"
 TASK_NAME = "Referring audio-visual segmentation"
 REQUIRED_METADATA = ("license", "library_name", "pipeline_tag", "tags")
@@ -103,10 +114,17 @@ def render_model_card(template: str | Path, metrics: Mapping[str, Any] | None = 
     path = resolve_template(template)
     if not (fields.get("model_name") or fields.get("repo_id")):
         raise ModelCardError(f"{path}: a card needs the field model_name or repo_id")
+    model_type = (fields.get("config") or {}).get("model_type", "oisa")
+    described = TEMPLATE_MODEL_TYPES.get(str(template))
+    if described is not None and model_type != described:
+        raise ModelCardError(
+            f"{path}: the template {template!r} describes {described} checkpoints, not {model_type!r} ones"
+        )
+    switches = PROFILE_SWITCHES_BY_MODEL_TYPE.get(model_type, PROFILE_SWITCHES)
     values: dict[str, Any] = {
         "package_version": _package_version(),
         "package_commit": _package_commit(),
-        "profile_switches": PROFILE_SWITCHES,
+        "profile_switches": switches,
         "eval_date": "not recorded",
         "eval_hardware": "not recorded",
         "eval_note": None,
@@ -130,7 +148,7 @@ def render_model_card(template: str | Path, metrics: Mapping[str, Any] | None = 
         )
         table = omniavs_table if dataset == "omniavs" else refavs_table
         values["results_table"] = table(metrics, values["model_name"])
-        values["evaluation"] = _run_summary(metrics)
+        values["evaluation"] = _run_summary(metrics, switches)
     try:
         card = ModelCard(_render(path, values))
     except (ValueError, yaml.YAMLError) as error:
@@ -277,13 +295,14 @@ def _default_split(metrics: Mapping[str, Any]) -> str:
     return "test"
 
 
-def _run_summary(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    behaviour = metrics.get("run", {}).get("behaviour", {})
+def _run_summary(metrics: Mapping[str, Any], switches: Mapping[str, Mapping[str, str]]) -> dict[str, Any]:
+    run = metrics.get("run", {})
+    behaviour = run.get("behaviour", {})
     profile = next(
         (
             name
             for name in ("release", "fixed")
-            if all(behaviour.get(switch) == values[name] for switch, values in PROFILE_SWITCHES.items())
+            if all(behaviour.get(switch) == values[name] for switch, values in switches.items())
         ),
         "custom",
     )
@@ -293,7 +312,8 @@ def _run_summary(metrics: Mapping[str, Any]) -> dict[str, Any]:
         "num_errors": metrics.get("num_errors", 0),
         "num_skipped": len(metrics.get("skipped_by_reader", [])),
         "profile": profile if behaviour else "not recorded",
-        "max_new_tokens": metrics.get("run", {}).get("max_new_tokens", "not recorded"),
+        "max_new_tokens": run.get("max_new_tokens", "not recorded"),
+        "batch_size": run.get("batch_size", "not recorded"),
     }
 
 

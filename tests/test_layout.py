@@ -59,9 +59,12 @@ ALLOWED = {
     "cli": {"hub_cards", "training", "evaluation", "tiny", "data", "metrics", "processing", "conversion", "model"},
     "scripts": {"cli", "hub_cards", "training", "evaluation", "data", "metrics", "processing", "model"},
 }
-# the one import against the flow, and only inside a function: the model loads its converter when it is asked to load
-# an original checkpoint
-ON_DEMAND = {("modeling_oisa.modeling_oisa", "modeling_oisa.conversion.original")}
+# the imports against the flow, each only inside a function: a model loads its converter when it is asked to load an
+# original checkpoint
+ON_DEMAND = {
+    ("modeling_oisa.modeling_oisa", "modeling_oisa.conversion.original"),
+    ("modeling_refavs.modeling_refavs", "modeling_refavs.conversion"),
+}
 # model packages that share the model layer: modeling_refavs reuses modeling_oisa's deformable attention
 MODEL_PACKAGES = ("modeling_oisa", "modeling_refavs")
 
