@@ -1,12 +1,17 @@
 """
-Evaluates OISA on OmniAVS or Ref-AVS, sharded across processes with Accelerate, and resumable:
+Evaluates OISA on OmniAVS or Ref-AVS, or EEMC (the Ref-AVS baseline) on Ref-AVS, sharded across processes with
+Accelerate, and resumable:
 
     accelerate launch eval.py --model M --dataset omniavs --data-root D --out OUT [--splits test] [--profile fixed]
+    accelerate launch eval.py --model EEMC --dataset refavs --data-root D --out OUT [--batch-size 4]
 
-Each process appends one JSON line per expression to OUT/results-<rank>.jsonl as soon as it is scored; running the
-same command again skips what is done. The main process then writes OUT/metrics.json and OUT/results.md and prints
-the table; with `--card DIR` it also writes DIR/README.md, a model card holding these results (`--card-template`
-oisa-1b, oisa-tiny-synthetic or fine-tune, the default; `--card-field NAME=VALUE` for the template's fields).
+OISA's expressions are shared out by video; EEMC's in the batches the original evaluates them in (4 expressions of
+one split in metadata.csv order; under `release` a result depends on which rows share its batch), whole batches to a
+process. Each process appends one JSON line per expression to OUT/results-<rank>.jsonl as soon as it is scored;
+running the same command again skips what is done. The main process then writes OUT/metrics.json and OUT/results.md
+and prints the table; with `--card DIR` it also writes DIR/README.md, a model card holding these results
+(`--card-template` oisa-1b, oisa-tiny-synthetic, fine-tune or refavs-eemc; by default fine-tune for OISA and
+refavs-eemc for EEMC; `--card-field NAME=VALUE` for the template's fields).
 
 Several processes on a machine without GPUs (Accelerate's `--cpu` launcher starts a single process unless mpirun is
 set up, huggingface/accelerate#2741; this goes through torchrun and gloo instead):
@@ -30,6 +35,14 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig
 
 from modeling_oisa import MissingCheckpointError, OisaCheckpointError, resolve_model_name
+from oisa_evaluation.refavs_eemc import (
+    EEMC_MODEL_TYPE,
+    RELEASE_BATCH_SIZE,
+    eemc_run_identity,
+    evaluate_batch,
+    limited_batches,
+    load_eemc_evaluator,
+)
 from oisa_evaluation.report import compute_metrics, write_report
 from oisa_evaluation.results import ResultWriter, check_output, claim_output, read_results, results_path
 from oisa_evaluation.runner import (
@@ -44,6 +57,7 @@ from oisa_evaluation.runner import (
     video_groups,
 )
 from oisa_hub_cards.model_card import TEMPLATES, parse_card_fields, render_model_card
+from oisa_hub_cards.publish import FAMILIES
 from processing_oisa.data.errors import OisaDataError
 from processing_oisa.media import OisaInputError
 
@@ -57,7 +71,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, type=Path, help="output folder; a rerun into it resumes")
     parser.add_argument("--profile", choices=PROFILES, help="override the checkpoint's behaviour switches")
     parser.add_argument("--skip-bad", action="store_true", help="skip (and count) records the readers reject")
-    parser.add_argument("--max-new-tokens", type=int, default=100, help="answer length, as evaluate.py")
+    parser.add_argument("--max-new-tokens", type=int, default=100, help="OISA: answer length, as evaluate.py")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        help=f"EEMC: expressions per forward (default {RELEASE_BATCH_SIZE}, the original's; under the release profile "
+        "a result depends on its batch)",
+    )
     parser.add_argument("--limit", type=int, help="evaluate only the first N expressions")
     parser.add_argument(
         "--dtype",
@@ -70,12 +90,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--card", type=Path, metavar="DIR", help="also write DIR/README.md, a model card with the results"
     )
     parser.add_argument(
-        "--card-template", default="fine-tune", help=f"the card's template: {', '.join(TEMPLATES)} or a template file"
+        "--card-template",
+        help=f"the card's template: {', '.join(TEMPLATES)} or a template file (default: the model family's, fine-tune "
+        "for OISA, refavs-eemc for EEMC)",
     )
     parser.add_argument(
         "--card-field", action="append", default=[], metavar="NAME=VALUE", help="a template field, VALUE read as YAML"
     )
     args = parser.parse_args(argv)
+    if args.batch_size is not None and args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
     args.model = resolve_model_name(args.model)
     return args
 
@@ -129,42 +153,80 @@ def evaluate(args: argparse.Namespace) -> int:
             "machine without GPUs, set ACCELERATE_USE_CPU=1 (see the docstring)"
         )
     splits = args.splits or DEFAULT_SPLITS[args.dataset]
+    model_type = AutoConfig.from_pretrained(args.model).model_type
+    is_eemc = model_type == EEMC_MODEL_TYPE
     fields: dict[str, Any] = {}
     if args.card is not None:
+        args.card_template = args.card_template or FAMILIES.get(model_type, FAMILIES["oisa"]).default_template
         fields = card_fields(args, list(splits))
         # a bad template or a missing field fails now rather than after the evaluation
         render_model_card(args.card_template, None, **fields)
-    tasks = load_tasks(args.dataset, args.data_root, splits, skip_bad=args.skip_bad, limit=args.limit)
-    segmenter = load_segmenter(
-        args.model, accelerator.device, profile=args.profile, max_new_tokens=args.max_new_tokens, dtype=args.dtype
-    )
-    identity = run_identity(args.model, args.dataset, args.data_root, segmenter)
+    if is_eemc and args.dataset != "refavs":
+        raise OisaInputError(f"{args.model}: EEMC, the Ref-AVS baseline, evaluates on --dataset refavs only")
+    if not is_eemc and args.batch_size is not None:
+        raise OisaInputError("--batch-size is for EEMC; OISA evaluates the expressions of one video together")
+    # EEMC forms its batches from every expression before --limit cuts, so that a batch keeps its composition
+    limit = None if is_eemc else args.limit
+    tasks = load_tasks(args.dataset, args.data_root, splits, skip_bad=args.skip_bad, limit=limit)
+    if is_eemc:
+        evaluator = load_eemc_evaluator(
+            args.model,
+            accelerator.device,
+            profile=args.profile,
+            dtype=args.dtype,
+            batch_size=args.batch_size or RELEASE_BATCH_SIZE,
+        )
+        identity = eemc_run_identity(args.model, args.dataset, args.data_root, evaluator)
+        model = evaluator.model
+        # the batches are formed before they are shared out: under `release` a result depends on its batch
+        tasks, groups = limited_batches(tasks, evaluator.batch_size, args.limit)
+
+        def run_group(group):
+            return evaluate_batch(evaluator, group)
+
+    else:
+        segmenter = load_segmenter(
+            args.model, accelerator.device, profile=args.profile, max_new_tokens=args.max_new_tokens, dtype=args.dtype
+        )
+        identity = run_identity(args.model, args.dataset, args.data_root, segmenter)
+        model = segmenter.model
+        groups = video_groups(tasks.tasks)
+
+        def run_group(group):
+            return evaluate_group(segmenter, group)
+
     if accelerator.is_main_process:
         claim_output(args.out, identity)
     accelerator.wait_for_everyone()
     check_output(args.out, identity)
 
     done = read_results(args.out)
-    groups = shard(video_groups(tasks.tasks), accelerator.process_index, accelerator.num_processes)
-    todo = [[task for task in group if task.key not in done] for group in groups]
-    todo = [group for group in todo if group]
+    pending = {task.key for task in tasks.tasks} - set(done)
+    groups = shard(groups, accelerator.process_index, accelerator.num_processes)
+    if is_eemc:
+        # a batch runs whole while any of its expressions is pending, so that each keeps the batch it is scored in
+        todo = [group for group in groups if any(task.key in pending for task in group)]
+    else:
+        todo = [[task for task in group if task.key in pending] for group in groups]
+        todo = [group for group in todo if group]
     progress = tqdm(
-        total=sum(len(group) for group in todo),
+        total=sum(task.key in pending for group in todo for task in group),
         desc=f"process 0 of {accelerator.num_processes}",
         unit="expr",
         disable=not accelerator.is_main_process,
     )
     with ResultWriter(results_path(args.out, accelerator.process_index)) as writer, progress:
         for group in todo:
-            for line in evaluate_group(segmenter, group):
-                writer.write(line)
-                progress.update()
+            for line in run_group(group):
+                if line["key"] in pending:
+                    writer.write(line)
+                    progress.update()
 
     accelerator.wait_for_everyone()
     status = 0
     if accelerator.is_main_process:
         metrics = compute_metrics(tasks, read_results(args.out), identity)
-        label = f"{Path(args.model).name} ({segmenter.model.config.profile})"
+        label = f"{Path(args.model).name} ({model.config.profile})"
         print(write_report(args.out, metrics, label))
         if metrics["num_scored"] == 0:
             # every expression failed: a report of nothing is no result

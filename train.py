@@ -1,12 +1,14 @@
-"""Train one OISA stage on a streamed data mixture, on one process or many.
+"""Train one OISA stage, or EEMC (the Ref-AVS baseline), on a streamed data mixture, on one process or many.
 
     accelerate launch train.py --config configs/stage4_omniavs.json --model M --output-dir O --data omniavs=ROOT
         [--max-steps N] [--resume] [--merge] [--push-to-hub REPO]
+    accelerate launch train.py --config configs/refavs_eemc.json --model EEMC --output-dir O --data refavs=ROOT
 
-The stage's config file (configs/*.json) sets what trains (LoRA on the LLM, the adapter and mask head in full),
-the optimiser, batch sizes and the mixture; `--data NAME=ROOT` says where each of its datasets lives. Checkpoints go
-to O/checkpoint-N (model, optimizer, scheduler, RNG and data position) and `--resume` continues from the latest;
-the final model goes to O/final, or O/final-merged with `--merge` (LoRA folded into the weights, ready for the next
+The run's config file (configs/*.json) names the model family it trains (`model_type`) and sets what trains (OISA:
+LoRA on the LLM, the adapter and mask head in full; EEMC: the parameters its `train_parameters` name), the optimiser,
+batch sizes and the mixture; `--data NAME=ROOT` says where each of its datasets lives. Checkpoints go to
+O/checkpoint-N (model, optimizer, scheduler, RNG and data position) and `--resume` continues from the latest; the
+final model goes to O/final, or O/final-merged with `--merge` (LoRA folded into the weights, ready for the next
 stage). The accelerate configs in configs/accelerate/ give DDP, FSDP and DeepSpeed ZeRO-1.
 """
 
@@ -28,7 +30,7 @@ from processing_oisa.media import OisaInputError
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="stage config file (configs/*.json)")
+    parser.add_argument("--config", required=True, help="run config file (configs/*.json)")
     parser.add_argument(
         "--model", required=True, help="checkpoint to start from (folder, Hub id or oisa-tiny-synthetic)"
     )
@@ -48,12 +50,13 @@ def publish(final: Path, repo_id: str, config: StageConfig, base_model: str, dat
     from oisa_hub_cards.publish import publish_checkpoint
 
     steps = json.loads((final / STATE_FILE).read_text())["step"]
-    training = f"stage {config.stage}, {steps} optimizer steps on {', '.join(sorted(data_roots))}"
+    run = config.model_type if config.stage is None else f"stage {config.stage}"
+    training = f"{run}, {steps} optimizer steps on {', '.join(sorted(data_roots))}"
     publish_checkpoint(final, repo_id, base_model=base_model, training=training)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Trains one stage; returns 0, or 2 for bad input (one line naming the file and the problem)."""
+    """Trains one run; returns 0, or 2 for bad input (one line naming the file and the problem)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = parse_args(argv)
     try:

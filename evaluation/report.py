@@ -171,8 +171,10 @@ def refavs_table(metrics: Mapping, label: str) -> str:
         "",
         "Official mode: batches of 4 expressions in CSV order, at 256×256 (Ref-AVS `utility.py`); per-expression: "
         "each expression its own batch. J, F and S ×100; S lower is better; the split table is official mode.",
-        _error_note(metrics),
     ]
+    if metrics["run"].get("inference"):
+        notes.append(f"Predictions: {metrics['run']['inference']}")
+    notes.append(_error_note(metrics))
     return "\n".join(lines + notes) + "\n"
 
 

@@ -1,4 +1,7 @@
-"""The training loop of `train.py`: stage configs, data mixtures, Accelerate, checkpoints that resume exactly."""
+"""
+The training loop of `train.py`: run configs, data mixtures, Accelerate, checkpoints that resume exactly. What depends
+on the model family (OISA, EEMC) comes from its `TrainingFamily`.
+"""
 
 import json
 import logging
@@ -6,7 +9,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -23,108 +26,59 @@ from peft import PeftModel
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoModel, AutoProcessor, get_scheduler
+from transformers import AutoConfig, AutoProcessor, get_scheduler
 
 from modeling_oisa import OisaCheckpointError
-from oisa_training.setup import TrainingSetup, apply_training_setup, merge_training_setup
-from processing_oisa.data.audio_text import AUDIO_TEXT_SAMPLE_BUILDERS
-from processing_oisa.data.image_sets import IMAGE_SAMPLE_BUILDERS
-from processing_oisa.data.image_text import IMAGE_TEXT_SAMPLE_BUILDERS
-from processing_oisa.data.mixture import (
-    MixtureSource,
-    OisaTrainingCollator,
-    SampleBuilder,
-    build_omniavs_sample,
-    build_refavs_sample,
-    build_training_stream,
-)
-from processing_oisa.data.omniavs import OmniAVSReader
-from processing_oisa.data.refavs import RefAVSReader
-from processing_oisa.data.video_sets import VIDEO_SAMPLE_BUILDERS
-from processing_oisa.tokenization_oisa import OISA_SPECIAL_TOKENS
+from processing_oisa.data.mixture import MixtureSource, SampleBuilder, build_training_stream
+
+from .family import TrainingFamily
+from .oisa_family import SAMPLE_BUILDERS, OisaTraining
+from .refavs_eemc_family import RefAvsEemcTraining
+from .stage_config import StageConfig
 
 
 logger = logging.getLogger(__name__)
-
-LOGGED_LOSSES = ("loss", "lm_loss", "class_loss", "dice_loss", "bce_loss")
-LOSS_WEIGHT_NAMES = ("lm_loss_weight", "class_loss_weight", "dice_loss_weight", "bce_loss_weight")
 
 STATE_FILE = "trainer_state.json"
 # where `Accelerator.save_state` writes the first object registered for checkpointing: the run's `TrainingProgress`
 PROGRESS_FILE = "custom_checkpoint_0.pkl"
 
-# the dataset formats that train: their reader and how one of its records becomes a sample
-SAMPLE_BUILDERS = {
-    "omniavs": (OmniAVSReader, build_omniavs_sample),
-    "refavs": (RefAVSReader, build_refavs_sample),
-    **IMAGE_SAMPLE_BUILDERS,
-    **VIDEO_SAMPLE_BUILDERS,
-    **AUDIO_TEXT_SAMPLE_BUILDERS,
-    **IMAGE_TEXT_SAMPLE_BUILDERS,
-}
+# the model families `train` trains, by the name a run config gives (`StageConfig.model_type`)
+FAMILIES: dict[str, TrainingFamily] = {family.name: family for family in (OisaTraining(), RefAvsEemcTraining())}
+# OISA's formats stay importable from here
+__all__ = ["FAMILIES", "SAMPLE_BUILDERS", "STATE_FILE", "StageConfig", "TrainingProgress", "train"]
 
 
-@dataclass
-class StageConfig:
-    """One training stage, read from a JSON file in `configs/` (every field is documented in docs/training.md)."""
-
-    stage: int
-    mixture: list[dict]
-    description: str = ""
-    train_modules: list[str] = field(default_factory=list)
-    llm_lora_rank: int = 0
-    audio_lora_rank: int = 0
-    train_new_token_rows: bool = False
-    learning_rate: float = 4e-5
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.03
-    lr_scheduler: str = "cosine"
-    max_grad_norm: float = 1.0
-    per_device_batch_size: int = 2
-    gradient_accumulation_steps: int = 1
-    epochs: float = 1.0
-    max_steps: int | None = None
-    save_steps: int = 500
-    logging_steps: int = 1
-    num_frames: int = 10
-    num_dense_frames: int = 4
-    mixed_precision: str = "bf16"
-    gradient_checkpointing: bool = True
-    num_workers: int = 4
-    shuffle_buffer: int = 1000
-    seed: int = 42
-    profile: str | None = None
-    # the model's loss weights for this stage (`lm_loss_weight`, `dice_loss_weight`...), saved with the final model
-    loss_weights: dict[str, float] = field(default_factory=dict)
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> "StageConfig":
-        values = json.loads(Path(path).read_text())
-        known = {item.name for item in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"{path}: unknown training settings {sorted(unknown)}.")
-        return cls(**values)
+def training_family(config: StageConfig, model_path: str) -> TrainingFamily:
+    """The family the run config names, after checking that the checkpoint is of it."""
+    if config.model_type not in FAMILIES:
+        raise ValueError(f"model_type {config.model_type!r} is not one of the families that train, {sorted(FAMILIES)}.")
+    family = FAMILIES[config.model_type]
+    model_type = AutoConfig.from_pretrained(model_path).model_type
+    if model_type not in family.model_types:
+        raise OisaCheckpointError(
+            f"{model_path}: a {model_type} checkpoint, but the run config trains {config.model_type} models "
+            f"(its model_type); use a config of that family"
+        )
+    return family
 
 
-def build_sources(config: StageConfig, data_roots: dict[str, str], processor, profile: str) -> list[MixtureSource]:
+def build_sources(
+    family: TrainingFamily, config: StageConfig, data_roots: dict[str, str], processor, profile: str
+) -> list[MixtureSource]:
     """The mixture's datasets, each read from the root given with `--data NAME=ROOT`."""
     sources = []
     for entry in config.mixture:
         name, data_format = entry["name"], entry["format"]
         if name not in data_roots:
             raise ValueError(f"The mixture needs `--data {name}=ROOT` (format {data_format}).")
-        if data_format not in SAMPLE_BUILDERS:
+        if data_format not in family.readers:
             raise ValueError(
-                f"Source {name!r} has format {data_format!r}, which has no training reader yet; the formats that "
-                f"train are {sorted(SAMPLE_BUILDERS)}."
+                f"Source {name!r} has format {data_format!r}, which has no training reader for {family.name} yet; the "
+                f"formats that train are {sorted(family.readers)}."
             )
-        reader, build_sample = SAMPLE_BUILDERS[data_format]
-        records = reader(data_roots[name], split=entry.get("split", "train"))
-
-        def build(record, build_sample=build_sample):
-            return build_sample(record, processor, config.num_frames, config.num_dense_frames, profile)
-
+        records = family.readers[data_format](data_roots[name], split=entry.get("split", "train"))
+        build = family.sample_builder(data_format, processor, config, profile)
         sources.append(MixtureSource(name=name, records=records, build_sample=build, weight=entry.get("weight")))
     return sources
 
@@ -205,27 +159,6 @@ def _engine_on_cpu(accelerator: Accelerator) -> None:
     PartialState._shared_state["distributed_type"] = engine
 
 
-def _build_model(config: StageConfig, model_path: str, processor) -> torch.nn.Module:
-    """The model to train: the checkpoint with the stage's loss weights and its trainable parts (LoRA, token rows)."""
-    model = AutoModel.from_pretrained(model_path, dtype=torch.float32)
-    for name, weight in config.loss_weights.items():
-        if name not in LOSS_WEIGHT_NAMES:
-            raise ValueError(f"loss_weights: {name!r} is not one of {LOSS_WEIGHT_NAMES}")
-        setattr(model.config, name, weight)
-    if config.gradient_checkpointing:
-        model.activation_checkpointing_enable()
-    new_token_ids = processor.tokenizer.convert_tokens_to_ids(OISA_SPECIAL_TOKENS) if config.train_new_token_rows else []
-    return apply_training_setup(
-        model,
-        TrainingSetup(
-            train_modules=config.train_modules,
-            llm_lora_rank=config.llm_lora_rank,
-            audio_lora_rank=config.audio_lora_rank,
-            new_token_ids=new_token_ids,
-        ),
-    )
-
-
 def train(
     config: StageConfig,
     model_path: str,
@@ -259,10 +192,11 @@ def train(
             f"Launched as {launched} processes but Accelerate sees {accelerator.num_processes}; on a machine without "
             "GPUs launch with `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N train.py --cpu`."
         )
+    family = training_family(config, model_path)
     checkpoint = _latest_checkpoint(output_dir) if resume else None
     set_seed(config.seed)
     processor = AutoProcessor.from_pretrained(model_path)
-    model = _build_model(config, model_path, processor)
+    model = family.build_model(config, model_path, processor)
     profile = config.profile or model.config.profile
     if full_model and not merge and isinstance(model, PeftModel):
         # unmerged, the final model is saved as a PEFT adapter, which AutoModel cannot load from the Hub
@@ -271,7 +205,7 @@ def train(
             "--merge"
         )
 
-    sources = build_sources(config, data_roots, processor, profile)
+    sources = build_sources(family, config, data_roots, processor, profile)
     records = sum(len(source.records) for source in sources)
     global_batch = config.per_device_batch_size * accelerator.num_processes * config.gradient_accumulation_steps
     total_steps = max_steps or config.max_steps or max(math.ceil(config.epochs * records / global_batch), 1)
@@ -289,7 +223,7 @@ def train(
         # DeepSpeed clips inside its step (`clip_grad_norm_` then only reports the norm)
         deepspeed_config = accelerator.state.deepspeed_plugin.deepspeed_config
         deepspeed_config["train_micro_batch_size_per_gpu"] = config.per_device_batch_size
-        deepspeed_config["gradient_clipping"] = config.max_grad_norm
+        deepspeed_config["gradient_clipping"] = config.max_grad_norm or 0.0
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     # FSDP replaces the parameters by sharded ones (DTensors): clip those
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
@@ -322,7 +256,7 @@ def train(
         config.shuffle_buffer,
         skip_per_process=progress.samples_seen_per_process,
     )
-    builder = SampleBuilder(sources, OisaTrainingCollator(processor.tokenizer.pad_token_id))
+    builder = SampleBuilder(sources, family.collator(processor))
     loader = DataLoader(
         stream,
         batch_size=config.per_device_batch_size,
@@ -332,14 +266,17 @@ def train(
         generator=torch.Generator().manual_seed(config.seed),
     )
 
-    accelerator.init_trackers("oisa", config={"stage": config.stage, "total_steps": total_steps})
+    tracked = {"model_type": config.model_type, "total_steps": total_steps}
+    if config.stage is not None:
+        tracked["stage"] = config.stage
+    accelerator.init_trackers("oisa", config=tracked)
     progress_bar = tqdm(
         total=total_steps, initial=progress.step, disable=not accelerator.is_local_main_process, desc="training"
     )
-    model.train()
+    family.train_mode(model)
     started, samples_since_log, bad_samples, loss_history = time.perf_counter(), 0, 0, []
     # the losses of the optimizer steps since the last log line, which reports their means
-    window: dict[str, list[torch.Tensor]] = {name: [] for name in LOGGED_LOSSES}
+    window: dict[str, list[torch.Tensor]] = {name: [] for name in family.logged_losses}
     failed_in_a_row, last_batch = 0, None
     # the `source:index` keys this process drew since the last log line
     drawn: list[str] = []
@@ -360,7 +297,7 @@ def train(
         with accelerator.accumulate(model):
             output = model(**batch)
             accelerator.backward(output.loss if usable else output.loss * 0.0)
-            if accelerator.sync_gradients:
+            if accelerator.sync_gradients and config.max_grad_norm is not None:
                 accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
             optimizer.step()
             scheduler.step()
@@ -370,8 +307,8 @@ def train(
             continue
         progress.step += 1
         progress_bar.update(1)
-        for name in LOGGED_LOSSES:
-            if getattr(output, name) is not None:
+        for name in family.logged_losses:
+            if getattr(output, name, None) is not None:
                 window[name].append(getattr(output, name).detach().float())
         if progress.step % config.logging_steps == 0 or progress.step == total_steps:
             elapsed = time.perf_counter() - started
@@ -380,7 +317,7 @@ def train(
                 for name, values in window.items()
                 if values
             }
-            window = {name: [] for name in LOGGED_LOSSES}
+            window = {name: [] for name in family.logged_losses}
             logs.update(
                 {
                     "lr": scheduler.get_last_lr()[0],
@@ -414,10 +351,9 @@ def train(
     if accelerator.is_main_process:
         trained = accelerator.unwrap_model(model)
         if accelerator.distributed_type == DistributedType.FSDP:
-            trained = _build_model(config, model_path, processor)
+            trained = family.build_model(config, model_path, processor)
             trained.load_state_dict(full_state)
-        if merge:
-            trained = merge_training_setup(trained)
+        trained = family.final_model(trained, merge)
         trained.save_pretrained(final_dir)
         processor.save_pretrained(final_dir)
         (final_dir / STATE_FILE).write_text(
