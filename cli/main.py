@@ -4,7 +4,7 @@ import argparse
 import logging
 import sys
 
-from . import convert, demo, init_from_parts, make_synthetic, push, segment, tiny_random
+from . import app, convert, demo, init_from_parts, make_synthetic, push, segment, tiny_random
 
 
 logger = logging.getLogger("oisa")
@@ -17,6 +17,7 @@ COMMANDS = {
     "tiny-random": tiny_random,
     "make-synthetic": make_synthetic,
     "push": push,
+    "app": app,
 }
 
 

@@ -9,6 +9,10 @@ from pathlib import Path
 HELP = "segment what an expression refers to in a video"
 logger = logging.getLogger("oisa")
 
+DEFAULT_MAX_NEW_TOKENS = 100
+# the model type of EEMC, the Ref-AVS baseline (`modeling_refavs`): a text expression in, masks out, no text
+EEMC_MODEL_TYPE = "refavs_eemc"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("video", type=Path, help="video file (mp4, mkv, webm, avi...) or folder of frames")
@@ -19,7 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--explain", action="store_true", help="ask the model to explain its answer")
     parser.add_argument("--soundtrack", type=Path, help="the video's audio as a separate file (default: its own)")
     parser.add_argument(
-        "--model", help="checkpoint folder, Hub id or oisa-tiny-synthetic (the default)"
+        "--model",
+        help="checkpoint folder or Hub id of an OISA or an EEMC (refavs_eemc: --text only), or oisa-tiny-synthetic "
+        "(the default)",
     )
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when available)")
@@ -29,8 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto: bfloat16 on GPUs and on CPUs with bfloat16 matrix units (AMX, avx512_bf16), float32 elsewhere",
     )
-    parser.add_argument("--chunk-size", type=int, default=8, help="frames through the mask head at once")
-    parser.add_argument("--max-new-tokens", type=int, default=100)
+    parser.add_argument(
+        "--chunk-size", type=int, default=8, help="frames through the mask head (EEMC: whose masks are written) at once"
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, help=f"OISA: the longest answer, in tokens (default {DEFAULT_MAX_NEW_TOKENS})"
+    )
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -44,8 +54,9 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.text is not None and not args.text.strip():
         raise OisaInputError("--text is empty: give the expression's words, or leave --text out")
     for name in ("max_new_tokens", "chunk_size"):
-        if getattr(args, name) < 1:
-            raise OisaInputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise OisaInputError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.device is not None:
         try:
             device = torch.device(args.device)
@@ -55,30 +66,77 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise OisaInputError(f"--device {args.device}: this machine has no CUDA device (use --device cpu)")
 
 
+def check_family_arguments(args: argparse.Namespace, model_type: str | None) -> None:
+    """Refuses the options an EEMC model cannot take: it reads a text expression and generates no text."""
+    from processing_oisa.media import OisaInputError
+
+    if model_type != EEMC_MODEL_TYPE:
+        return
+    options = {
+        "--speech": args.speech,
+        "--sound": args.sound,
+        "--image": args.image,
+        "--explain": args.explain or None,
+        "--max-new-tokens": args.max_new_tokens,
+    }
+    given = [option for option, value in options.items() if value is not None]
+    if given:
+        raise OisaInputError(
+            f"{', '.join(given)}: {args.model} is an EEMC ({EEMC_MODEL_TYPE}), which takes a text expression only and "
+            "generates no text; give --text alone"
+        )
+    if args.text is None:
+        raise OisaInputError(f"{args.model} is an EEMC ({EEMC_MODEL_TYPE}): give its expression with --text")
+
+
+def local_model_type(model_path: str) -> str | None:
+    """The `model_type` in a local folder's config.json (already checked by `resolve_model_name`); None for a Hub id."""
+    config_path = Path(model_path) / "config.json"
+    return json.loads(config_path.read_text()).get("model_type") if config_path.is_file() else None
+
+
+def add_frame_sources(result_path: Path, result) -> None:
+    """
+    Adds to result.json what a model that sees some frames only (EEMC) says: how the video was batched, the frames it
+    saw, and per frame the frame whose mask it holds.
+    """
+    summary = json.loads(result_path.read_text())
+    summary["batch"] = result.batch
+    summary["sampled_frames"] = sorted(set(result.frame_sources))
+    for frame, source in zip(summary["frames"], result.frame_sources):
+        frame["mask_from"] = source
+    temporary = result_path.with_name(result_path.name + ".tmp")
+    temporary.write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    temporary.replace(result_path)
+
+
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
     import torch
-    from PIL import Image
     from tqdm.auto import tqdm
     from transformers import AutoModel, AutoProcessor
 
     from modeling_oisa import TINY_SYNTHETIC_NAME, OisaCheckpointError, resolve_model_name
     from modeling_oisa.precision import resolve_dtype
-    from processing_oisa.media import VideoReader, VideoWriter
+    from processing_oisa.auto_segmenter import video_segmenter
+    from processing_oisa.media import VideoReader
     from processing_oisa.processing_oisa import OisaExpression
-    from processing_oisa.segmenter import OisaVideoSegmenter
-    from processing_oisa.visualization import contact_sheet, overlay_mask
+
+    from .segmentation_files import write_segmentation
 
     check_arguments(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = resolve_dtype(args.dtype, device)
-    expression = OisaExpression(text=args.text, speech=args.speech, sound=args.sound, image=args.image,
-                                explain=args.explain)
-    expression_type = expression.type
+    expression = OisaExpression(
+        text=args.text, speech=args.speech, sound=args.sound, image=args.image, explain=args.explain
+    )
+    # an expression of no type (neither text nor speech, or both) fails here, before any model work
+    expression.type
     if args.model is None:
         args.model = TINY_SYNTHETIC_NAME
         logger.info("no --model given: using %s, the small model trained on synthetic shapes", TINY_SYNTHETIC_NAME)
     model_path = resolve_model_name(args.model)
+    # a local folder says its family now, a Hub repo once loaded
+    check_family_arguments(args, local_model_type(model_path))
     reader = VideoReader(args.video)
     try:
         model = AutoModel.from_pretrained(model_path, dtype=dtype).to(device).eval()
@@ -88,60 +146,33 @@ def run(args: argparse.Namespace) -> int:
         raise OisaCheckpointError(
             f"{args.model}: no such local folder or Hub repo, or it cannot be read ({error})"
         ) from error
-    segmenter = OisaVideoSegmenter(model, processor, chunk_size=args.chunk_size, max_new_tokens=args.max_new_tokens)
-    out = Path(args.out)
-    info = reader.info
-    sheet_tiles, sheet_labels = [], []
-    sheet_frames = set(np.linspace(0, info.num_frames - 1, min(8, info.num_frames)).round().astype(int))
-    # the source's own frame times, so that a variable frame rate keeps its timing
-    times = info.timestamps
-    increasing = all(later > earlier for earlier, later in zip(times, times[1:]))
-    fps = info.num_frames / info.duration if info.duration > 0 else 1.0
-    with VideoWriter(out / "overlay.mp4", fps, timestamps=times if increasing else None) as overlay_video:
-
-        def write_chunk(start: int, frames: list, masks: np.ndarray) -> None:
-            # as the mask head goes: each mask's PNG, its overlay into the video, a tile for the contact sheet
-            (out / "masks").mkdir(parents=True, exist_ok=True)
-            for index, frame, mask in zip(range(start, start + len(frames)), frames, masks):
-                Image.fromarray(mask.astype(np.uint8) * 255).save(out / "masks" / f"{index:05d}.png")
-                overlay = overlay_mask(frame, mask)
-                overlay_video.write(overlay)
-                if index in sheet_frames:
-                    sheet_tiles.append(overlay)
-                    sheet_labels.append(f"frame {index}  t={times[index]:.2f}s  area={int(mask.sum())}")
-
-        with tqdm(total=info.num_frames, unit="frame", desc="segmenting", disable=None) as bar:
-            result = segmenter(
-                reader,
-                expression,
-                soundtrack=args.soundtrack,
-                progress=lambda done, total: bar.update(done - bar.n),
-                on_masks=lambda start, frames, masks: write_chunk(start, frames, masks[0]),
-                keep_masks=False,
-            )
-        if overlay_video.count == 0:
-            # no [SEG] in the answer, so no mask pass: every frame's mask is empty
-            empty = np.zeros((1, info.height, info.width), dtype=bool)
-            for index, frame in reader.iter_frames():
-                write_chunk(index, [frame], empty)
-    contact_sheet(sheet_tiles, sheet_labels).save(out / "contact_sheet.png")
-    summary = {
-        "video": str(args.video),
-        "model": str(args.model),
-        "expression_type": expression_type,
-        "answer": result.answer,
-        "explanation": result.explanation,
-        "segmented": result.has_seg,
-        "frames": [
-            {"index": index, "time": time, "mask_area": area, "presence": float(presence)}
-            for index, (time, area, presence) in enumerate(
-                zip(result.timestamps, result.mask_areas, result.presence_scores)
-            )
-        ],
-    }
-    temporary = out / "result.json.tmp"
-    temporary.write_text(json.dumps(summary, indent=2, ensure_ascii=False))
-    temporary.replace(out / "result.json")
-    logger.info("answer: %s", result.answer)
-    logger.info("wrote %d masks, overlay.mp4, contact_sheet.png and result.json to %s", reader.info.num_frames, out)
+    model_type = model.config.model_type
+    check_family_arguments(args, model_type)
+    options = {"chunk_size": args.chunk_size}
+    if model_type != EEMC_MODEL_TYPE:
+        options["max_new_tokens"] = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+    segmenter = video_segmenter(model, processor, **options)
+    with tqdm(total=reader.info.num_frames, unit="frame", desc="segmenting", disable=None) as bar:
+        result = write_segmentation(
+            segmenter,
+            reader,
+            expression,
+            Path(args.out),
+            video_name=str(args.video),
+            model_name=str(args.model),
+            soundtrack=args.soundtrack,
+            progress=lambda done, total: bar.update(done - bar.n),
+        )
+    if result.frame_sources is not None:
+        add_frame_sources(Path(args.out) / "result.json", result)
+        logger.info(
+            "%d frames segmented (one a second), each mask held until the next; batch: %s",
+            len(set(result.frame_sources)),
+            result.batch,
+        )
+    else:
+        logger.info("answer: %s", result.answer)
+    logger.info(
+        "wrote %d masks, overlay.mp4, contact_sheet.png and result.json to %s", reader.info.num_frames, args.out
+    )
     return 0

@@ -1,14 +1,17 @@
 """One call from a video and omnimodal expressions to an answer and one mask per frame."""
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import AutoModel, AutoProcessor
 
-from modeling_oisa import OisaCheckpointError
+from modeling_oisa import OisaCheckpointError, resolve_model_name
+from modeling_oisa.precision import resolve_dtype
 
 from .media import OisaInputError, VideoReader, decode_audio, silent_soundtrack
 from .processing_oisa import MAX_AUDIO_SECONDS, AudioInput, OisaExpression, OisaProcessor
@@ -25,6 +28,10 @@ class OisaSegmentation:
     boolean mask (height, width) per frame at the frame's own size (None when the caller took them chunk by chunk,
     `keep_masks=False`), each mask's area in pixels, the per-frame probability that the object is present, the frame
     times in seconds and, when asked for, per-frame foreground probabilities (T, H, W).
+
+    A model that segments only some frames (EEMC, one a second) also says, per frame, which frame's mask it holds
+    (`frame_sources`), and how the video was batched (`batch`); both are None for OISA, which segments every frame and
+    runs one video at a time. For EEMC the other fields are read as [`RefAvsVideoSegmenter`] says.
     """
 
     expression_type: str
@@ -36,6 +43,48 @@ class OisaSegmentation:
     mask_areas: list[int] = field(default_factory=list)
     timestamps: list[float] = field(default_factory=list)
     probabilities: np.ndarray | None = None
+    frame_sources: list[int] | None = None
+    batch: str | None = None
+
+
+@dataclass
+class OisaEncodedVideo:
+    """
+    A video encoded once by [`OisaVideoSegmenter.encode_video`], to pass again instead of the video so that later
+    expressions about it reuse its frames and features: its reader, each frame's token mode, the frames the LLM sees
+    and their embeddings and, for a video of at most `max_cached_frames` frames, every frame and its feature maps.
+    """
+
+    reader: VideoReader
+    frame_modes: list[int]
+    visible_frames: list
+    vision_embeds: torch.Tensor
+    frames: list | None = None
+    image_maps: list[torch.Tensor] | None = None
+
+
+def load_model_and_processor(
+    model_name_or_path: str | os.PathLike, device: str | torch.device | None = None, dtype: str | torch.dtype = "auto"
+) -> tuple:
+    """
+    The model (OISA or EEMC, in evaluation mode) and processor of a checkpoint folder, Hub id or shipped name, the
+    model on `device` (default: CUDA when available, else the CPU) in `dtype` (as [`OisaVideoSegmenter.from_pretrained`]
+    says).
+    """
+    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dtype = resolve_dtype(dtype, device)
+    except ValueError as error:
+        raise OisaInputError(f"dtype: {error}") from error
+    path = resolve_model_name(str(model_name_or_path))
+    try:
+        model = AutoModel.from_pretrained(path, dtype=dtype).to(device).eval()
+        processor = AutoProcessor.from_pretrained(path)
+    except OSError as error:
+        raise OisaCheckpointError(
+            f"{model_name_or_path}: no such local folder or Hub repo, or it cannot be read ({error})"
+        ) from error
+    return model, processor
 
 
 class OisaVideoSegmenter:
@@ -58,12 +107,31 @@ class OisaVideoSegmenter:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if model_type != "oisa":
             name = getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
-            raise OisaCheckpointError(f"{name}: a {model_type or type(model).__name__} model, not OISA")
+            raise OisaCheckpointError(
+                f"{name}: a {model_type or type(model).__name__} model, not OISA (processing_oisa.video_segmenter "
+                "picks the segmenter of either family)"
+            )
         self.model = model
         self.processor = processor
         self.chunk_size = chunk_size
         self.max_new_tokens = max_new_tokens
         self.max_cached_frames = max_cached_frames
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_name_or_path: str | os.PathLike,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype = "auto",
+        **kwargs,
+    ) -> "OisaVideoSegmenter":
+        """
+        The segmenter of a checkpoint folder, Hub id or shipped name (`oisa-tiny-synthetic`), its model on `device`
+        (default: CUDA when available, else the CPU) in `dtype`: "auto" is bfloat16 on GPUs and on CPUs with bfloat16
+        matrix units, float32 elsewhere, said once in the log (`modeling_oisa.precision.resolve_dtype`); a torch dtype
+        or its name is used as given. `kwargs` go to the segmenter (`chunk_size`, `max_new_tokens`...).
+        """
+        return cls(*load_model_and_processor(model_name_or_path, device, dtype), **kwargs)
 
     @property
     def device(self) -> torch.device:
@@ -71,7 +139,7 @@ class OisaVideoSegmenter:
 
     def __call__(
         self,
-        video: str | Path | VideoReader | np.ndarray | Sequence,
+        video: str | Path | VideoReader | OisaEncodedVideo | np.ndarray | Sequence,
         expressions: OisaExpression | Sequence[OisaExpression],
         soundtrack: AudioInput | None = None,
         progress: Callable[[int, int], None] | None = None,
@@ -81,7 +149,8 @@ class OisaVideoSegmenter:
     ) -> OisaSegmentation | list[OisaSegmentation]:
         """
         video: a video file, a folder of frames, or frames in memory (a uint8 array (T, H, W, 3) or a list of PIL
-        images or arrays, at one frame a second); soundtrack: a separate audio file or waveform (by default the
+        images or arrays, at one frame a second), or a video [`encode_video`] returned, whose frames and features are
+        then reused; soundtrack: a separate audio file or waveform (by default the
         video's own; silence, with a warning, when it has none). `progress(done, total)` is called per chunk.
         `return_probabilities` also returns per-frame foreground probabilities at the frame size (Ref-AVS's metrics
         need scores, not masks). `on_masks(start, frames, masks)` receives each chunk as it is segmented: its frames
@@ -94,12 +163,8 @@ class OisaVideoSegmenter:
             raise OisaInputError("No expression was given.")
         if not all(isinstance(expression, OisaExpression) for expression in expressions):
             raise OisaInputError("Expressions are OisaExpression objects.")
-        if isinstance(video, VideoReader):
-            reader = video
-        elif isinstance(video, (str, Path)):
-            reader = VideoReader(video)
-        else:
-            reader = VideoReader.from_frames(video)
+        encoded = video if isinstance(video, OisaEncodedVideo) else None
+        reader = encoded.reader if encoded is not None else self._reader(video)
         info = reader.info
         # the model hears the first MAX_AUDIO_SECONDS: decoding stops there
         if isinstance(soundtrack, (str, Path)):
@@ -110,31 +175,19 @@ class OisaVideoSegmenter:
             logger.warning("Video %s has no audio track; a silent soundtrack is used.", reader.path)
             soundtrack = silent_soundtrack(info.duration)
 
-        modes = self.processor.frame_token_modes(info.num_frames)
-        visible = [index for index, mode in enumerate(modes) if mode > 0]
-        cache_all = info.num_frames <= self.max_cached_frames
+        if encoded is None:
+            encoded = self.encode_video(reader)
+        visible_modes = [mode for mode in encoded.frame_modes if mode > 0]
         with torch.no_grad():
-            if cache_all:
-                frames = reader.read(range(info.num_frames))
-                features = self.model.get_image_features(
-                    self._pixel_values(frames), chunk_size=self.chunk_size
-                )
-                vision_embeds = features.vision_embeds[visible]
-                cached_maps = features.image_maps
-            else:
-                frames = reader.read(visible)
-                vision_embeds = self.model.get_vision_embeddings(self._pixel_values(frames))
-                cached_maps = None
-            visible_frames = [frames[index] for index in visible] if cache_all else frames
             answers = [
-                self._answer(visible_frames, [modes[index] for index in visible], vision_embeds, soundtrack, expression)
+                self._answer(encoded.visible_frames, visible_modes, encoded.vision_embeds, soundtrack, expression)
                 for expression in expressions
             ]
             seg_states = [state for _, state in answers if state is not None]
             if seg_states:
                 mask_logits, areas, class_logits, probabilities = self._segment(
-                    reader, torch.cat(seg_states), cached_maps, progress, return_probabilities,
-                    frames if cache_all else None, on_masks, keep_masks,
+                    reader, torch.cat(seg_states), encoded.image_maps, progress, return_probabilities,
+                    encoded.frames, on_masks, keep_masks,
                 )
             results, next_query = [], 0
             for expression, (parsed, state) in zip(expressions, answers):
@@ -166,6 +219,34 @@ class OisaVideoSegmenter:
                     )
                 )
         return results[0] if single else results
+
+    def encode_video(self, video: str | Path | VideoReader | np.ndarray | Sequence) -> OisaEncodedVideo:
+        """
+        Decodes and encodes a video (any form `__call__` takes) once; passing the result to `__call__` instead of the
+        video reuses its frames and features for every later expression about it.
+        """
+        reader = self._reader(video)
+        info = reader.info
+        modes = self.processor.frame_token_modes(info.num_frames)
+        visible = [index for index, mode in enumerate(modes) if mode > 0]
+        with torch.no_grad():
+            if info.num_frames <= self.max_cached_frames:
+                frames = reader.read(range(info.num_frames))
+                features = self.model.get_image_features(self._pixel_values(frames), chunk_size=self.chunk_size)
+                return OisaEncodedVideo(
+                    reader, modes, [frames[index] for index in visible], features.vision_embeds[visible], frames,
+                    features.image_maps,
+                )
+            frames = reader.read(visible)
+            return OisaEncodedVideo(reader, modes, frames, self.model.get_vision_embeddings(self._pixel_values(frames)))
+
+    @staticmethod
+    def _reader(video: str | Path | VideoReader | np.ndarray | Sequence) -> VideoReader:
+        if isinstance(video, VideoReader):
+            return video
+        if isinstance(video, (str, Path)):
+            return VideoReader(video)
+        return VideoReader.from_frames(video)
 
     def _pixel_values(self, frames: list) -> torch.Tensor:
         video = self.processor.video_processor(frames, do_sample_frames=False, return_tensors="pt")

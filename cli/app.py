@@ -1,0 +1,95 @@
+"""`oisa app`: the web demo (gradio) on a local port; a Space's `app.py` runs the same."""
+
+import argparse
+import importlib.util
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+
+HELP = "serve the web demo: upload a video, give an expression, watch the masks (needs the demo extra)"
+logger = logging.getLogger("oisa")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", default="oisa-tiny-synthetic", help="checkpoint folder, Hub id or oisa-tiny-synthetic (the default)"
+    )
+    parser.add_argument("--port", type=int, help="port (default: $GRADIO_SERVER_PORT, else 7860)")
+    parser.add_argument(
+        "--host", help="address to listen on (default: $GRADIO_SERVER_NAME, else 127.0.0.1; 0.0.0.0 for the network)"
+    )
+    parser.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when available)")
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="auto: bfloat16 on GPUs and on CPUs with bfloat16 matrix units (AMX, avx512_bf16), float32 elsewhere",
+    )
+    parser.add_argument("--max-frames", type=int, default=300, help="longest video taken, in frames (default: 300)")
+    parser.add_argument("--max-new-tokens", type=int, default=100)
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuses, before the model loads, arguments the server could not use."""
+    import torch
+
+    from processing_oisa.media import OisaInputError
+
+    if args.port is not None and not 1 <= args.port <= 65535:
+        raise OisaInputError(f"--port must be between 1 and 65535, got {args.port}")
+    for name in ("max_frames", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise OisaInputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as error:
+            raise OisaInputError(f"--device {args.device}: {error}") from error
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise OisaInputError(f"--device {args.device}: this machine has no CUDA device (use --device cpu)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModel, AutoProcessor
+
+    from modeling_oisa import OisaCheckpointError, resolve_model_name
+    from modeling_oisa.precision import resolve_dtype
+    from processing_oisa.segmenter import OisaVideoSegmenter
+
+    check_arguments(args)
+    if importlib.util.find_spec("gradio") is None:
+        raise SystemExit('oisa app: the web demo needs gradio, which the demo extra installs: pip install -e ".[demo]"')
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model_path = resolve_model_name(args.model)
+    try:
+        model = AutoModel.from_pretrained(model_path, dtype=resolve_dtype(args.dtype, device)).to(device).eval()
+        processor = AutoProcessor.from_pretrained(model_path)
+    except OSError as error:
+        raise OisaCheckpointError(
+            f"{args.model}: no such local folder or Hub repo, or it cannot be read ({error})"
+        ) from error
+    segmenter = OisaVideoSegmenter(model, processor, max_new_tokens=args.max_new_tokens)
+    # gradio's own requests to itself are no news
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    # uploads, served outputs, examples and each request's scratch files live here, removed at exit
+    workspace = Path(tempfile.mkdtemp(prefix="oisa-app-"))
+    os.environ["GRADIO_TEMP_DIR"] = str(workspace / "files")
+    # a terminated server (a Space restarting, a test ending) leaves through the `finally` below
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    try:
+        # gradio reads GRADIO_TEMP_DIR when it is imported
+        from .web_app import launch_app
+
+        logger.info("serving %s; files in %s until the server stops", args.model, workspace)
+        launch_app(segmenter, args.model, workspace, host=args.host, port=args.port, max_frames=args.max_frames)
+    except KeyboardInterrupt:
+        logger.info("oisa app: stopped")
+    finally:
+        shutil.rmtree(workspace, ignore_errors=True)
+    return 0
