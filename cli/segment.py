@@ -95,21 +95,6 @@ def local_model_type(model_path: str) -> str | None:
     return json.loads(config_path.read_text()).get("model_type") if config_path.is_file() else None
 
 
-def add_frame_sources(result_path: Path, result) -> None:
-    """
-    Adds to result.json what a model that sees some frames only (EEMC) says: how the video was batched, the frames it
-    saw, and per frame the frame whose mask it holds.
-    """
-    summary = json.loads(result_path.read_text())
-    summary["batch"] = result.batch
-    summary["sampled_frames"] = sorted(set(result.frame_sources))
-    for frame, source in zip(summary["frames"], result.frame_sources):
-        frame["mask_from"] = source
-    temporary = result_path.with_name(result_path.name + ".tmp")
-    temporary.write_text(json.dumps(summary, indent=2, ensure_ascii=False))
-    temporary.replace(result_path)
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
@@ -164,7 +149,6 @@ def run(args: argparse.Namespace) -> int:
             progress=lambda done, total: bar.update(done - bar.n),
         )
     if result.frame_sources is not None:
-        add_frame_sources(Path(args.out) / "result.json", result)
         logger.info(
             "%d frames segmented (one a second), each mask held until the next; batch: %s",
             len(set(result.frame_sources)),

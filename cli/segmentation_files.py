@@ -81,6 +81,13 @@ def write_segmentation(
             )
         ],
     }
+    if result.frame_sources is not None:
+        # a model that sees some frames only (EEMC): how the video was batched, the frames it saw, and per frame the
+        # frame whose mask it holds
+        summary["batch"] = result.batch
+        summary["sampled_frames"] = sorted(set(result.frame_sources))
+        for frame, source in zip(summary["frames"], result.frame_sources):
+            frame["mask_from"] = source
     temporary = out / "result.json.tmp"
     temporary.write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     temporary.replace(out / "result.json")
