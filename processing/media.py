@@ -11,6 +11,7 @@ from pathlib import Path
 import av
 import numpy as np
 import soxr
+from av.video.reformatter import VideoReformatter
 from PIL import Image, UnidentifiedImageError
 
 
@@ -43,6 +44,25 @@ def _open_container(path: Path, what: str) -> av.container.InputContainer:
         return av.open(str(path))
     except (av.error.FFmpegError, UnicodeDecodeError) as error:
         raise OisaInputError(f"{what} {path} is not a readable media file ({error}).") from error
+
+
+def _video_stream(container: av.container.InputContainer) -> av.VideoStream:
+    """
+    The first video stream, decoded by FFmpeg's frame and slice threads: the frames are the same, in the same order,
+    as with one thread. A file that breaks off then decodes without an error (the frames before the break are the
+    same), so it is the probe, on one thread, that finds where a file breaks off.
+    """
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    return stream
+
+
+def _rgb_image(frame: av.VideoFrame, reformatter: VideoReformatter) -> Image.Image:
+    """
+    A decoded frame as an RGB image, converted by swscale with `frame.to_image()`'s settings (so pixel for pixel its
+    image) through one reformatter for the whole stream, and without `to_image`'s row-by-row copy.
+    """
+    return Image.fromarray(reformatter.reformat(frame, format="rgb24").to_ndarray())
 
 
 def check_waveform(waveform: np.ndarray, source: str) -> np.ndarray:
@@ -257,6 +277,7 @@ class VideoReader:
         with container:
             if not container.streams.video:
                 raise OisaInputError(f"Video {self.path} has no video stream.")
+            # one decoder thread: frame threads decode past a break in the file without reporting it
             stream = container.streams.video[0]
             has_audio = bool(container.streams.audio)
             timestamps = []
@@ -286,11 +307,17 @@ class VideoReader:
             for index, frame_path in enumerate(self.frame_paths):
                 yield index, load_image(frame_path, "Frame")
             return
+        reformatter = VideoReformatter()
+        for index, frame in self._decode():
+            yield index, _rgb_image(frame, reformatter)
+
+    def _decode(self, stop: int | None = None) -> Iterator[tuple[int, av.VideoFrame]]:
+        """(index, decoded frame) of a video file's frames before `stop` (by default all `info.num_frames`)."""
         container = _open_container(self.path, "Video")
         with container:
-            frames = container.decode(container.streams.video[0])
+            frames = container.decode(_video_stream(container))
             # stop at the frames the probe found: in a file that breaks off, asking for one more raises
-            for index in range(self.info.num_frames):
+            for index in range(self.info.num_frames if stop is None else stop):
                 try:
                     frame = next(frames)
                 except (StopIteration, av.error.FFmpegError) as error:
@@ -298,26 +325,28 @@ class VideoReader:
                         f"Video {self.path} changed while it was read: frame {index} of {self.info.num_frames} no "
                         "longer decodes."
                     ) from error
-                yield index, frame.to_image()
+                yield index, frame
 
     def read(self, indices: Sequence[int]) -> list[Image.Image]:
-        """The frames at `indices` (any order, repeats allowed), decoding the file once."""
+        """
+        The frames at `indices` (any order, repeats allowed), decoding the file once up to the last of them and
+        converting to RGB only those.
+        """
         wanted = set(indices)
         outside = sorted(index for index in wanted if not 0 <= index < self.info.num_frames)
         if outside:
             raise IndexError(f"Video {self.path} has {self.info.num_frames} frames; frame {outside[0]} was asked for.")
-        found = {}
         if self.frames is not None:
             found = {index: self.frames[index] for index in wanted}
         elif self.is_folder:
             found = {index: load_image(self.frame_paths[index], "Frame") for index in wanted}
         else:
-            last = max(wanted, default=-1)
-            for index, frame in self.iter_frames():
-                if index in wanted:
-                    found[index] = frame
-                if index >= last:
-                    break
+            reformatter = VideoReformatter()
+            found = {
+                index: _rgb_image(frame, reformatter)
+                for index, frame in self._decode(stop=max(wanted, default=-1) + 1)
+                if index in wanted
+            }
         return [found[index] for index in indices]
 
     def soundtrack(self, max_seconds: float | None = None) -> np.ndarray | None:

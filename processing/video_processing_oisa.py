@@ -1,13 +1,17 @@
 """OisaVideoProcessor: which frames of a video the LLM sees, and the frame transform."""
 
 import logging
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
 from huggingface_hub.dataclasses import validate_typed_dict
 from PIL import Image
 from transformers import BatchFeature, PilBackend
+from transformers.image_transforms import convert_to_rgb
 from transformers.image_utils import PILImageResampling, validate_kwargs
 from transformers.processing_utils import Unpack, VideosKwargs
 from transformers.video_processing_utils import VideoProcessorMixin
@@ -43,6 +47,15 @@ class OisaVideoProcessorKwargs(VideosKwargs, total=False):
 
 def _is_frame(item) -> bool:
     return isinstance(item, Image.Image) or (isinstance(item, np.ndarray) and item.ndim == 3)
+
+
+def _split_batch(videos: VideoInput) -> list:
+    """A video, or a batch of videos, as a list of videos."""
+    if isinstance(videos, np.ndarray) and videos.ndim == 5:
+        return list(videos)
+    if isinstance(videos, (list, tuple)) and videos and not _is_frame(videos[0]):
+        return list(videos)
+    return [videos]
 
 
 class OisaVideoProcessor(VideoProcessorMixin, PilBackend):
@@ -99,16 +112,14 @@ class OisaVideoProcessor(VideoProcessorMixin, PilBackend):
 
     def load_videos(self, videos: VideoInput) -> list[list[Image.Image]]:
         """A video or a batch of videos as lists of frames (PIL images); files and frame folders are decoded."""
-        if isinstance(videos, np.ndarray) and videos.ndim == 5:
-            return [self._load_video(video) for video in videos]
-        if isinstance(videos, (list, tuple)) and videos and not _is_frame(videos[0]):
-            return [self._load_video(video) for video in videos]
-        return [self._load_video(videos)]
+        return [list(frames) for frames, _ in map(self._frames, _split_batch(videos))]
 
     @staticmethod
-    def _load_video(video) -> list[Image.Image]:
+    def _frames(video) -> tuple[Iterable[Image.Image], int]:
+        """A video's frames and their count; a file's or a folder's are decoded one at a time, as they are taken."""
         if isinstance(video, (str, Path)):
-            return [frame for _, frame in VideoReader(video).iter_frames()]
+            reader = VideoReader(video)
+            return (frame for _, frame in reader.iter_frames()), reader.info.num_frames
         if isinstance(video, np.ndarray):
             if video.ndim != 4:
                 raise ValueError(f"A video array is (frames, height, width, 3); got the shape {video.shape}.")
@@ -118,7 +129,8 @@ class OisaVideoProcessor(VideoProcessorMixin, PilBackend):
                 "A video is a file or frame folder path, an array (frames, height, width, 3) or a list of frames "
                 f"(PIL images or (height, width, 3) arrays); got {type(video).__name__}."
             )
-        return [frame if isinstance(frame, Image.Image) else Image.fromarray(np.asarray(frame)) for frame in video]
+        frames = [frame if isinstance(frame, Image.Image) else Image.fromarray(np.asarray(frame)) for frame in video]
+        return frames, len(frames)
 
     def preprocess(self, videos: VideoInput, **kwargs: Unpack[OisaVideoProcessorKwargs]) -> BatchFeature:
         """
@@ -129,29 +141,82 @@ class OisaVideoProcessor(VideoProcessorMixin, PilBackend):
         validate_typed_dict(self.valid_kwargs, kwargs)
         kwargs = self._merge_and_standardize_kwargs(**kwargs)
         self._validate_preprocess_kwargs(**kwargs)
-        videos = self.load_videos(videos)
-        data = {"pixel_values_videos": [self._transform(frames, **kwargs) for frames in videos]}
+        videos = [self._frames(video) for video in _split_batch(videos)]
+        pixel_values = [self._transform(frames, frame_count, **kwargs) for frames, frame_count in videos]
+        if kwargs["return_tensors"] is not None and len(pixel_values) == 1:
+            pixel_values = pixel_values[0][None]  # a view: converting a list would copy the frames once more
+        data = {"pixel_values_videos": pixel_values}
         if kwargs["do_sample_frames"]:
             data["frame_token_modes"] = [
                 self.frame_token_modes(
-                    len(frames), kwargs["max_visible_frames"], kwargs["num_dense_frames"], kwargs["frame_sampler"]
+                    frame_count, kwargs["max_visible_frames"], kwargs["num_dense_frames"], kwargs["frame_sampler"]
                 )
-                for frames in videos
+                for _, frame_count in videos
             ]
         return BatchFeature(data, tensor_type=kwargs["return_tensors"])
 
-    def _transform(self, frames: list[Image.Image], **kwargs) -> np.ndarray:
-        """The frames of one video, (T, 3, H, W) float32: each frame through the PIL backend, on its own."""
-        images = [
-            self.process_image(
-                frame, do_convert_rgb=kwargs["do_convert_rgb"], input_data_format=kwargs["input_data_format"]
-            )
-            for frame in frames
-        ]
+    def _transform(self, frames: Iterable[Image.Image], frame_count: int, **kwargs) -> np.ndarray:
+        """
+        The `frame_count` frames of one video, (T, 3, H, W) float32, bit for bit the PIL backend's per-frame
+        transform: each frame is resized with PIL, then rescaled and normalised by looking its values up in a table of
+        what the backend's `rescale` and `normalize` make of each uint8 value. Frames are resized as they come, one
+        thread per torch thread (PIL's resize and numpy's take release the GIL), while the next ones are decoded.
+        """
         size = kwargs["size"]
-        if not images:
+        if not size.height or not size.width:
+            raise ValueError(f"`size` of the OISA video processor gives a height and a width; got {dict(size)}.")
+        if frame_count == 0:
             return np.zeros((0, 3, size.height, size.width), dtype=np.float32)
-        return np.stack(self._preprocess(images, **{**kwargs, "return_tensors": None})["pixel_values"])
+        frames = iter(frames)
+        first = self._resized_pixels(next(frames), **kwargs)
+        table = self._value_table(first.shape[0], **kwargs)
+        transformed = np.empty((frame_count, *first.shape), dtype=table.dtype)
+
+        def transform(index: int, pixels: np.ndarray) -> None:
+            for channel, values in enumerate(table):
+                # every index is in the table: "clip" never clips, and unlike "raise" writes to `out` unbuffered
+                np.take(values, pixels[channel], out=transformed[index, channel], mode="clip")
+
+        def resize_and_transform(index: int, frame: Image.Image) -> None:
+            transform(index, self._resized_pixels(frame, **kwargs))
+
+        transform(0, first)
+        workers = torch.get_num_threads()
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            waiting = deque()
+            for index, frame in enumerate(frames, start=1):
+                waiting.append(pool.submit(resize_and_transform, index, frame))
+                if len(waiting) > workers:  # at most one decoded frame waits per thread
+                    waiting.popleft().result()
+            for future in waiting:
+                future.result()
+        if kwargs["do_pad"]:
+            return np.stack(self.pad(list(transformed), pad_size=kwargs["pad_size"]))
+        return transformed
+
+    def _resized_pixels(self, frame: Image.Image, **kwargs) -> np.ndarray:
+        """One frame converted and resized as the PIL backend does (then center-cropped if asked): (C, H, W) uint8."""
+        if frame.mode != "RGB" or "transparency" in frame.info:
+            # what the backend resizes: the frame composited onto white (or left as is) and back from an array
+            pixels = convert_to_rgb(frame, return_numpy=True) if kwargs["do_convert_rgb"] else np.array(frame)
+            frame = Image.fromarray(pixels)
+        if kwargs["do_resize"]:
+            resample = PILImageResampling.BILINEAR if kwargs["resample"] is None else kwargs["resample"]
+            frame = frame.resize((kwargs["size"].width, kwargs["size"].height), resample=resample)
+        pixels = np.asarray(frame)
+        if pixels.dtype != np.uint8:
+            raise ValueError(f"Frames are 8-bit images; one is a {frame.mode} image.")
+        pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+        return self.center_crop(pixels, kwargs["crop_size"]) if kwargs["do_center_crop"] else pixels
+
+    def _value_table(self, num_channels: int, **kwargs) -> np.ndarray:
+        """(channels, 256): each uint8 value of each channel after the backend's `rescale` and `normalize`."""
+        values = np.broadcast_to(np.arange(256, dtype=np.uint8), (num_channels, 1, 256))
+        if kwargs["do_rescale"]:
+            values = self.rescale(values, kwargs["rescale_factor"])
+        if kwargs["do_normalize"]:
+            values = self.normalize(values, kwargs["image_mean"], kwargs["image_std"])
+        return values[:, 0]
 
 
 __all__ = ["OisaVideoProcessor", "OisaVideoProcessorKwargs"]
