@@ -32,7 +32,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def app_server(tmp_path_factory):
     """
     The app serving oisa-tiny-synthetic in float32 (the same numbers on every CPU); its temporary files go under this
@@ -68,7 +68,7 @@ def app_server(tmp_path_factory):
     assert not workspace.exists(), f"the app left {workspace} behind"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def demo_clip_path(tmp_path_factory) -> Path:
     """The demo clip of `oisa demo` (8 frames of 96x128, a red circle, a green square sounding, a blue triangle)."""
     clip = demo_clip(seed=0)

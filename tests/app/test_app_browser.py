@@ -16,7 +16,7 @@ CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 WAIT_SECONDS = 120
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser():
     """Headless Chromium; session-scoped, so that a missing browser skips before the server starts."""
     try:
