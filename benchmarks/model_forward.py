@@ -17,48 +17,19 @@ dtypes alternating over `--repeats` runs on the same adapter maps (median). `--d
 import argparse
 import copy
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
+from oisa_1b import build_random_oisa_1b, processor_name, random_inputs
 from peak_memory import PeakMemory
 
-from modeling_oisa import OisaConfig, OisaForReferringSegmentation, audio_token_counts
+from modeling_oisa import OisaForReferringSegmentation
 from modeling_oisa.precision import cpu_has_bf16_matmul, resolve_dtype
 
 
 STAGES = ("vision (InternViT + adapter)", "audio (Whisper encoder)", "LLM prefill", "mask head", "whole forward")
-
-
-def build_prompt(config: OisaConfig, modes: torch.Tensor, audio_tokens: int) -> torch.Tensor:
-    """Token ids of a release-layout prompt holding exactly the placeholders of the inputs."""
-    image_slots = int(sum(config.num_image_tokens if mode == 2 else int(mode) for mode in modes))
-    text = torch.randint(0, 151000, (1, 60))
-    parts = [
-        text[:, :30],
-        torch.full((1, image_slots), config.image_token_id),
-        torch.full((1, audio_tokens), config.sub_audio_token_id),
-        torch.full((1, audio_tokens), config.audio_token_id),
-        text[:, 30:],
-        torch.tensor([[config.seg_token_id]]),
-    ]
-    return torch.cat(parts, dim=1)
-
-
-def processor_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU model as /proc/cpuinfo (Linux) or `platform` states it."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def forward_by_stage(
@@ -127,23 +98,13 @@ def main() -> None:
         f"{processor_name(device)}; bfloat16 matrix units: {bf16_units if device.type == 'cpu' else 'n/a'}; "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; --dtype {args.dtype} -> {low}"
     )
-    torch.manual_seed(0)
-    config = OisaConfig()
     start = time.perf_counter()
-    model = OisaForReferringSegmentation(config).to(device).eval()
+    model = build_random_oisa_1b().to(device)
+    config = model.config
     print(f"OISA-1B built in {time.perf_counter() - start:.1f} s: {model.num_parameters():,} parameters, {device}")
 
     size = config.image_size
-    modes = torch.ones(args.frames, dtype=torch.long)
-    modes[torch.linspace(0, args.frames - 1, 4).round().long()] = 2
-    feature_lengths = torch.tensor([int(args.audio_seconds * 100)], device=device)
-    inputs = {
-        "pixel_values": torch.randn(args.frames, 3, size, size, device=device),
-        "input_features": torch.randn(1, 128, 3000, device=device),
-        "feature_lengths": feature_lengths,
-        "modes": modes,
-    }
-    inputs["input_ids"] = build_prompt(config, modes, int(audio_token_counts(feature_lengths)[0])).to(device)
+    inputs = random_inputs(config, args.frames, args.audio_seconds, device)
 
     measured, msda_line = {}, None
     if args.mask_head_only:
