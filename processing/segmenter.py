@@ -293,9 +293,10 @@ class OisaVideoSegmenter:
         parsed = parse_answer(self.processor.decode_answer(generated), has_seg=len(seg_positions) > 0)
         if not len(seg_positions):
             return parsed, None
-        # teacher-forced pass over prompt + answer for the hidden state of the first [SEG] (or of the token before it)
+        # teacher-forced pass over prompt + answer for the hidden state of the first [SEG] (or of the token before it);
+        # its logits are not used, so the LM head runs on one position only
         full_embeds = torch.cat([inputs_embeds, model.get_input_embeddings()(generated[None])], dim=1)
-        hidden = model(inputs_embeds=full_embeds).last_hidden_state[0]
+        hidden = model(inputs_embeds=full_embeds, logits_to_keep=1).last_hidden_state[0]
         seg_position = input_ids.shape[1] + int(seg_positions[0])
         if config.seg_hidden_state_source == "before_seg":
             seg_position -= 1
