@@ -36,22 +36,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuses, before the model loads, arguments the server could not use."""
-    import torch
-
     from processing_oisa.media import OisaInputError
+
+    from .segment import check_device_argument
 
     if args.port is not None and not 1 <= args.port <= 65535:
         raise OisaInputError(f"--port must be between 1 and 65535, got {args.port}")
     for name in ("max_frames", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise OisaInputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.device is not None:
-        try:
-            device = torch.device(args.device)
-        except RuntimeError as error:
-            raise OisaInputError(f"--device {args.device}: {error}") from error
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise OisaInputError(f"--device {args.device}: this machine has no CUDA device (use --device cpu)")
+    check_device_argument(args.device)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -43,9 +43,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def check_device_argument(name: str | None) -> None:
+    """Refuses a --device torch cannot parse, or CUDA on a machine without it (`oisa segment`, `oisa app`)."""
+    import torch
+
+    from processing_oisa.media import OisaInputError
+
+    if name is None:
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise OisaInputError(f"--device {name}: {error}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise OisaInputError(f"--device {name}: this machine has no CUDA device (use --device cpu)")
+
+
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuses, before any model work, arguments that would fail later or answer garbage."""
-    import torch
 
     from processing_oisa.media import OisaInputError
 
@@ -57,13 +72,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise OisaInputError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if args.device is not None:
-        try:
-            device = torch.device(args.device)
-        except RuntimeError as error:
-            raise OisaInputError(f"--device {args.device}: {error}") from error
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise OisaInputError(f"--device {args.device}: this machine has no CUDA device (use --device cpu)")
+    check_device_argument(args.device)
 
 
 def check_family_arguments(args: argparse.Namespace, model_type: str | None) -> None:

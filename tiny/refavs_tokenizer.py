@@ -1,11 +1,10 @@
 """An offline tiny RoBERTa tokenizer (byte-level BPE, RoBERTa's special tokens), for tiny EEMC models and tests."""
 
-import json
 from collections.abc import Sequence
 
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import RobertaTokenizer
-from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from .tokenizer import learn_byte_level_merges
 
 
 # RoBERTa's special tokens at DistilRoBERTa's ids: <s> = 0, <pad> = 1, </s> = 2, <unk> = 3 (<mask> comes last)
@@ -26,18 +25,7 @@ def build_tiny_refavs_tokenizer(num_merges: int = 64, extra_corpus: Sequence[str
     from Ref-AVS-style expressions (and `extra_corpus`), then `<mask>`. Its vocabulary is
     `4 + 256 + num_merges + 1` tokens at most (fewer when a merge repeats a symbol).
     """
-    byte_symbols = list(bytes_to_unicode().values())
-    trainer = trainers.BpeTrainer(
-        vocab_size=len(byte_symbols) + num_merges,
-        initial_alphabet=byte_symbols,
-        show_progress=False,
-        special_tokens=[],
-    )
-    learner = Tokenizer(models.BPE())
-    learner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    learner.train_from_iterator((_TINY_REFAVS_CORPUS + list(extra_corpus)) * 8, trainer=trainer)
-    learned = json.loads(learner.to_str())["model"]["merges"]
-    merges = [tuple(pair.split(" ")) if isinstance(pair, str) else tuple(pair) for pair in learned][:num_merges]
+    byte_symbols, merges = learn_byte_level_merges(_TINY_REFAVS_CORPUS + list(extra_corpus), num_merges)
 
     vocab = {token: index for index, token in enumerate(ROBERTA_SPECIAL_TOKENS)}
     for symbol in byte_symbols:

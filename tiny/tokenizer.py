@@ -19,12 +19,8 @@ _TINY_CORPUS = [
 ]
 
 
-def build_tiny_tokenizer(num_merges: int = 123, extra_corpus: Sequence[str] = ()) -> Qwen2Tokenizer:
-    """
-    A byte-level BPE Qwen2 tokenizer built offline: the 256 byte symbols in GPT-2 order (space = 220, as in Qwen2),
-    `num_merges` merges learned from OISA's prompt strings (and `extra_corpus`), then the chat tokens and OISA's 18
-    special tokens. With the defaults the special-token ids equal those of the original's tiny reference tokenizer.
-    """
+def learn_byte_level_merges(corpus: Sequence[str], num_merges: int) -> tuple[list[str], list[tuple[str, str]]]:
+    """The 256 byte symbols in GPT-2 order and up to `num_merges` byte-level BPE merges learned from `corpus`."""
     byte_symbols = list(bytes_to_unicode().values())
     trainer = trainers.BpeTrainer(
         vocab_size=len(byte_symbols) + num_merges,
@@ -34,9 +30,19 @@ def build_tiny_tokenizer(num_merges: int = 123, extra_corpus: Sequence[str] = ()
     )
     learner = Tokenizer(models.BPE())
     learner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    learner.train_from_iterator((_TINY_CORPUS + list(extra_corpus)) * 8, trainer=trainer)
-    merges = [tuple(pair.split(" ")) if isinstance(pair, str) else tuple(pair) for pair in json.loads(learner.to_str())["model"]["merges"]]
-    merges = merges[:num_merges]
+    learner.train_from_iterator(list(corpus) * 8, trainer=trainer)
+    learned = json.loads(learner.to_str())["model"]["merges"]
+    merges = [tuple(pair.split(" ")) if isinstance(pair, str) else tuple(pair) for pair in learned]
+    return byte_symbols, merges[:num_merges]
+
+
+def build_tiny_tokenizer(num_merges: int = 123, extra_corpus: Sequence[str] = ()) -> Qwen2Tokenizer:
+    """
+    A byte-level BPE Qwen2 tokenizer built offline: the 256 byte symbols in GPT-2 order (space = 220, as in Qwen2),
+    `num_merges` merges learned from OISA's prompt strings (and `extra_corpus`), then the chat tokens and OISA's 18
+    special tokens. With the defaults the special-token ids equal those of the original's tiny reference tokenizer.
+    """
+    byte_symbols, merges = learn_byte_level_merges(_TINY_CORPUS + list(extra_corpus), num_merges)
 
     vocab = {symbol: index for index, symbol in enumerate(byte_symbols)}
     for left, right in merges:

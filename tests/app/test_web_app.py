@@ -147,10 +147,11 @@ def test_oisa_app_refuses_bad_arguments_before_loading_a_model(caplog):
     cases = [
         (["--port", "70000"], "--port must be between 1 and 65535, got 70000"),
         (["--max-frames", "0"], "--max-frames must be at least 1, got 0"),
+        (["--device", "tpu:x"], "--device tpu:x: "),
     ]
     for arguments, message in cases:
         caplog.clear()
         with mock.patch("transformers.AutoModel.from_pretrained", side_effect=AssertionError("loaded a model")):
             assert oisa_main(["app", *arguments]) == 2
         (line,) = [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
-        assert re.fullmatch(f"oisa app: {re.escape(message)}", line), line
+        assert re.fullmatch(f"oisa app: {re.escape(message)}.*", line), line
