@@ -56,10 +56,11 @@ def wait_for(driver, condition, what: str):
 
 
 def error_texts(driver) -> list[str]:
-    from selenium.webdriver.common.by import By
-
-    elements = driver.find_elements(By.CSS_SELECTOR, "[data-testid='toast-text']")
-    return [element.get_attribute("textContent").strip() for element in elements]
+    """The texts of the error toasts shown, read in one script: a toast closing between finding and reading it would
+    otherwise leave a stale element."""
+    return driver.execute_script(
+        "return Array.from(document.querySelectorAll(\"[data-testid='toast-text']\"), e => e.textContent.trim());"
+    )
 
 
 def test_the_page_segments_an_uploaded_clip_and_plays_the_overlay(browser, app_server, demo_clip_path, tmp_path):
@@ -90,7 +91,10 @@ def test_the_page_segments_an_uploaded_clip_and_plays_the_overlay(browser, app_s
     )
     assert state[:3] == [True, 128, 96] and state[3] >= 2
     assert error_texts(browser) == []
-    assert [element for element in browser.find_elements(By.CSS_SELECTOR, ".error") if element.is_displayed()] == []
+    shown_errors = browser.execute_script(
+        "return Array.from(document.querySelectorAll('.error')).filter(e => e.getClientRects().length > 0).length;"
+    )
+    assert shown_errors == 0
 
     browser.execute_script("window.scrollTo(0, 0);")
     screenshot = tmp_path / "app.png"
