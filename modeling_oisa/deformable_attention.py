@@ -151,6 +151,9 @@ def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
 
 
 def _to_float32(value: object) -> object:
+    """Floating tensors to float32, also inside lists and tuples (the pixel decoder takes a list of maps)."""
     if isinstance(value, torch.Tensor) and value.is_floating_point():
         return value.float()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_float32(item) for item in value)
     return value

@@ -212,7 +212,9 @@ class OisaMaskHead(nn.Module):
         if self.pixel_decoder_in_float32:
             decoded = forward_in_float32(self.pixel_decoder, list(image_maps))
         else:
-            decoded = self.pixel_decoder(list(image_maps))
+            # the adapter's maps come out float32 (its output norms compute in float32): the decoder's dtype here
+            dtype = self.pixel_decoder.mask_projection.weight.dtype
+            decoded = self.pixel_decoder([level_map.to(dtype) for level_map in image_maps])
         return decoded.mask_features, list(decoded.multi_scale_features)
 
     def forward(

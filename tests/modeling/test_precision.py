@@ -223,6 +223,34 @@ def test_without_deformable_attention_fp32_everything_is_cast(tiny_config):
     assert {param.dtype for param in model.parameters()} == {torch.bfloat16}
 
 
+def test_without_deformable_attention_fp32_a_bfloat16_model_runs(float32_model):
+    """With the islands off, everything computes in bfloat16, the pixel decoder included (the adapter's maps are
+    float32 and are cast for it), and the masks stay close to the float32 model's."""
+    config = copy.deepcopy(float32_model.config)
+    config.deformable_attention_fp32 = False
+    model = OisaForReferringSegmentation(config).eval()
+    model.load_state_dict(float32_model.state_dict())
+    model.to(torch.bfloat16)
+    sample = {name: value for name, value in make_sample().items() if name != "labels"}
+    with torch.no_grad():
+        output = model(**sample)
+        expected = float32_model(**sample)
+    mask_logits, expected_logits = output.mask_logits[0].float(), expected.mask_logits[0]
+    assert output.mask_logits[0].dtype == torch.bfloat16 and torch.isfinite(mask_logits).all()
+    assert (mask_logits - expected_logits).norm() / expected_logits.norm() < 0.05
+
+
+def test_bfloat16_maps_go_through_the_float32_pixel_decoder(float32_model):
+    """`decode_pixels` casts a list of bfloat16 maps (as a caller holding bfloat16 features passes) to float32."""
+    sample = make_sample()
+    with torch.no_grad():
+        maps = [level.bfloat16() for level in float32_model.get_image_features(sample["pixel_values"]).image_maps]
+        mask_features, multi_scale = float32_model.mask_head.decode_pixels(maps)
+        expected, _ = float32_model.mask_head.decode_pixels([level.float() for level in maps])
+    assert mask_features.dtype == torch.float32 and all(level.dtype == torch.float32 for level in multi_scale)
+    torch.testing.assert_close(mask_features, expected, rtol=0, atol=0)
+
+
 def test_bfloat16_forward_casts_activations_only(float32_model, monkeypatch):
     """
     The float32 blocks of a bfloat16 model run on their own float32 weights: no per-call copy of them (the functional
