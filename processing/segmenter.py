@@ -280,27 +280,32 @@ class OisaVideoSegmenter:
             audio,
             encoding["audio_token_modes"],
         )
-        # a generated placeholder would have no embeddings to take at the next step: they are never generated
-        generated = model.generate(
+        # a generated placeholder would have no embeddings to take at the next step: they are never generated.
+        # As the original, the [SEG] state comes from generation's own hidden states: entry 0 holds the prompt's,
+        # entry k >= 1 the state at the input token generated[k - 1]
+        output = model.generate(
             inputs_embeds=inputs_embeds,
             attention_mask=encoding["attention_mask"],
             max_new_tokens=self.max_new_tokens,
             do_sample=False,
             num_beams=1,
             suppress_tokens=[config.image_token_id, config.audio_token_id, config.sub_audio_token_id],
-        )[0]
+            output_hidden_states=True,
+            return_dict_in_generate=True,
+        )
+        generated = output.sequences[0]
         seg_positions = torch.nonzero(generated == config.seg_token_id).flatten()
         parsed = parse_answer(self.processor.decode_answer(generated), has_seg=len(seg_positions) > 0)
         if not len(seg_positions):
             return parsed, None
-        # teacher-forced pass over prompt + answer for the hidden state of the first [SEG] (or of the token before it);
-        # its logits are not used, so the LM head runs on one position only
+        # the state of the token before the first [SEG] (release) predicted it at step seg; the state at [SEG] itself
+        # is the next step's, which generation computed unless it stopped at [SEG]
+        step = int(seg_positions[0]) + (config.seg_hidden_state_source != "before_seg")
+        if step < len(output.hidden_states):
+            return parsed, output.hidden_states[step][-1][0, -1][None]
         full_embeds = torch.cat([inputs_embeds, model.get_input_embeddings()(generated[None])], dim=1)
         hidden = model(inputs_embeds=full_embeds, logits_to_keep=1).last_hidden_state[0]
-        seg_position = input_ids.shape[1] + int(seg_positions[0])
-        if config.seg_hidden_state_source == "before_seg":
-            seg_position -= 1
-        return parsed, hidden[seg_position][None]
+        return parsed, hidden[input_ids.shape[1] + step - 1][None]
 
     def _segment(
         self,

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoModel, AutoProcessor, pipeline
+from transformers import AutoModel, AutoProcessor, LogitsProcessor, LogitsProcessorList, pipeline
 
 import processing_oisa  # noqa: F401  (registers the processor and the pipeline)
 from modeling_oisa import OisaOutput
@@ -98,6 +98,67 @@ def test_placeholder_tokens_are_never_generated(checkpoint, clip_path):
     processor = AutoProcessor.from_pretrained(checkpoint)
     result = OisaVideoSegmenter(model, processor, max_new_tokens=3)(clip_path, OisaExpression(text="the red circle"))
     assert result.answer and not set(processor.tokenizer(result.answer)["input_ids"]) & set(placeholders)
+
+
+class ForceAnswer(LogitsProcessor):
+    """Generation forced to the given ids, one a step."""
+
+    def __init__(self, answer_ids: list[int]):
+        self.answer_ids, self.step = answer_ids, 0
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        forced = torch.full_like(scores, -float("inf"))
+        forced[:, self.answer_ids[self.step]] = 0.0
+        self.step += 1
+        return forced
+
+
+@pytest.mark.parametrize("source", ["before_seg", "seg"])
+@pytest.mark.parametrize("seg_last", [False, True], ids=["answer-goes-on", "answer-ends-at-seg"])
+def test_the_seg_state_is_the_teacher_forced_one(seg_model, checkpoint, clip_path, monkeypatch, source, seg_last):
+    """
+    The state handed to the mask head, taken from generation's own hidden states (or, for the state at `[SEG]` when
+    the answer ends there, from one pass over prompt + answer), equals a teacher-forced pass's state at the position
+    that `seg_hidden_state_source` names.
+    """
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    config = seg_model.config
+    words = processor.tokenizer("Sure it is", add_special_tokens=False)["input_ids"]
+    answer_ids = [*words, config.seg_token_id] + ([] if seg_last else words)
+    monkeypatch.setattr(config, "seg_hidden_state_source", source)
+    embeds, states = [], []
+    generate, segment = seg_model.generate, OisaVideoSegmenter._segment
+
+    def forced_generate(**kwargs):
+        embeds.append(kwargs["inputs_embeds"])
+        return generate(**kwargs, logits_processor=LogitsProcessorList([ForceAnswer(answer_ids)]))
+
+    monkeypatch.setattr(seg_model, "generate", forced_generate)
+    forward, passes = seg_model.forward, []
+
+    def counted_forward(*args, **kwargs):
+        passes.append(kwargs["inputs_embeds"].shape[1] if kwargs.get("inputs_embeds") is not None else 1)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(seg_model, "forward", counted_forward)
+    monkeypatch.setattr(OisaVideoSegmenter, "_segment", lambda self, reader, seg_states, *args: states.append(
+        seg_states) or segment(self, reader, seg_states, *args))
+    segmenter = OisaVideoSegmenter(seg_model, processor, max_new_tokens=len(answer_ids))
+    assert segmenter(clip_path, OisaExpression(text="the red circle")).has_seg
+    # a pass over prompt + answer only when generation stopped before computing the state asked for
+    prompt_length = embeds[0].shape[1]
+    assert [length for length in passes if length > prompt_length] == (
+        [prompt_length + len(answer_ids)] if seg_last and source == "seg" else []
+    )
+    monkeypatch.undo()
+    with torch.no_grad():
+        answer = seg_model.get_input_embeddings()(torch.tensor([answer_ids]))
+        hidden = seg_model(inputs_embeds=torch.cat([embeds[0], answer], dim=1)).last_hidden_state[0]
+    position = embeds[0].shape[1] + answer_ids.index(config.seg_token_id) - (source == "before_seg")
+    torch.testing.assert_close(states[0], hidden[position][None], rtol=0, atol=1e-5)
+    # the neighbouring positions differ: the test tells them apart
+    for other in {position - 1, min(position + 1, hidden.shape[0] - 1)} - {position}:
+        assert not torch.allclose(states[0], hidden[other][None], atol=1e-3)
 
 
 def test_bfloat16_inference(seg_model, checkpoint, clip_path):
