@@ -61,11 +61,20 @@ def launch(workspace, output, accelerate_config, *extra):
                str(REPO / "train.py"), "--config", str(workspace / "stage.json"), "--model", str(workspace / "tiny"),
                "--output-dir", str(output), "--data", f"omniavs={workspace / 'omniavs'}", "--cpu",
                "--max-steps", "3", "--merge", *extra]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    # faulthandler: a rank that crashes in native code prints where, in Python, it was
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1",
+           "PYTHONFAULTHANDLER": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-6000:]
+    assert result.returncode == 0, failure_report(result.stderr)
     state = json.loads((output / "final-merged" / "trainer_state.json").read_text())
     return state, result.stderr
+
+
+def failure_report(log: str) -> str:
+    """A failed run's log: a native crash's report first (the other rank's wait for it fills the tail), then the tail."""
+    crash = log.find("Fatal Python error")
+    head = log[crash : crash + 4000] + "\n...\n" if crash >= 0 else ""
+    return head + log[-6000:]
 
 
 def engine_line(log: str) -> tuple[str, str, int, int]:
