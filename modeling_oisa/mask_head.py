@@ -139,7 +139,9 @@ class OisaQueryDecoder(nn.Module):
         frame's final query state.
         """
         dtype = query_content.dtype
-        mask_features = mask_features.to(dtype)
+        # contiguous once here: the adapter's maps, and so the mask features, come out channels-last, and each of
+        # the 1 + layers mask predictions of a frame would otherwise copy its frame to multiply it in bfloat16
+        mask_features = mask_features.to(dtype=dtype, memory_format=torch.contiguous_format)
         num_queries = query_content.shape[1]
         size_list = [tuple(level_map.shape[-2:]) for level_map in multi_scale_features]
         # per level: (T, C, h, w) -> (h*w, T, C), positions shared by every frame
