@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig
 
 from modeling_oisa import MissingCheckpointError, OisaCheckpointError, resolve_model_name
+from modeling_oisa.allocator import reuse_freed_memory
 from oisa_evaluation.refavs_eemc import (
     EEMC_MODEL_TYPE,
     RELEASE_BATCH_SIZE,
@@ -143,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> int:
+    reuse_freed_memory()
     # the barrier after the loop waits for the slowest shard, which can outlast the default 30-minute timeout
     accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=12))])
     launched = int(os.environ.get("WORLD_SIZE", "1"))

@@ -53,12 +53,14 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoModel, AutoProcessor
 
     from modeling_oisa import OisaCheckpointError, resolve_model_name
+    from modeling_oisa.allocator import reuse_freed_memory
     from modeling_oisa.precision import resolve_dtype
     from processing_oisa.segmenter import OisaVideoSegmenter
 
     check_arguments(args)
     if importlib.util.find_spec("gradio") is None:
         raise SystemExit('oisa app: the web demo needs gradio, which the demo extra installs: pip install -e ".[demo]"')
+    reuse_freed_memory()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model_path = resolve_model_name(args.model)
     try:

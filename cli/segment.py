@@ -110,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoModel, AutoProcessor
 
     from modeling_oisa import TINY_SYNTHETIC_NAME, OisaCheckpointError, resolve_model_name
+    from modeling_oisa.allocator import reuse_freed_memory
     from modeling_oisa.precision import resolve_dtype
     from processing_oisa.auto_segmenter import video_segmenter
     from processing_oisa.media import VideoReader
@@ -118,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
     from .segmentation_files import write_segmentation
 
     check_arguments(args)
+    reuse_freed_memory()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = resolve_dtype(args.dtype, device)
     expression = OisaExpression(
