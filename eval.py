@@ -20,6 +20,7 @@ set up, huggingface/accelerate#2741; this goes through torchrun and gloo instead
 """
 
 import argparse
+import gc
 import logging
 import os
 import platform
@@ -197,6 +198,8 @@ def evaluate(args: argparse.Namespace) -> int:
         def run_group(group):
             return evaluate_group(segmenter, group)
 
+    # the modules, the model and the tasks live until the end: the garbage collector leaves them out of its passes
+    gc.freeze()
     if accelerator.is_main_process:
         claim_output(args.out, identity)
     accelerator.wait_for_everyone()

@@ -1,6 +1,7 @@
 """`oisa app`: the web demo (gradio) on a local port; a Space's `app.py` runs the same."""
 
 import argparse
+import gc
 import importlib.util
 import logging
 import os
@@ -71,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
             f"{args.model}: no such local folder or Hub repo, or it cannot be read ({error})"
         ) from error
     segmenter = OisaVideoSegmenter(model, processor, max_new_tokens=args.max_new_tokens)
+    # the modules and the model live as long as the server: the garbage collector leaves them out of its passes
+    gc.freeze()
     # gradio's own requests to itself are no news
     logging.getLogger("httpx").setLevel(logging.WARNING)
     # uploads, served outputs, examples and each request's scratch files live here, removed at exit
