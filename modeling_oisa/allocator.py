@@ -3,7 +3,8 @@ How the C allocator hands memory to a CPU run. glibc serves every block above 32
 back to the system when freed, so the next tensor of that size starts as fresh pages that the kernel zeroes on first
 touch. OISA-1B allocates such blocks by the hundred per frame (a 10-frame ViT layer's MLP output alone is 168 MiB in
 float32): `reuse_freed_memory` keeps freed memory in the process for the next block instead. Measured on OISA-1B's
-vision pass and pixel decoder: 1.3x and 1.4-1.6x faster; peak memory about 10% higher (benchmarks/RESULTS.md).
+vision pass and pixel decoder: 1.2x to 1.3x and 1.2x to 1.6x faster, peak memory 8% to 9% higher
+(benchmarks/RESULTS.md).
 """
 
 import ctypes
