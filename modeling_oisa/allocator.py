@@ -9,6 +9,7 @@ vision pass and pixel decoder: 1.2x to 1.3x and 1.2x to 1.6x faster, peak memory
 
 import ctypes
 import logging
+import os
 import sys
 
 
@@ -26,9 +27,11 @@ def reuse_freed_memory() -> bool:
     Makes glibc's malloc keep freed blocks for reuse: no block gets its own `mmap` (`M_MMAP_MAX` 0), and up to 2 GiB of
     free memory stays in the process (`M_TRIM_THRESHOLD`). A process-wide setting, for the process that runs the model
     (`oisa segment`, `oisa app` and `eval.py` call it); memory in use is unchanged, the process's resident
-    size stays near its peak. Returns whether it applied: False, with nothing changed, off Linux or without glibc.
+    size stays near its peak. Returns whether it applied: False, with nothing changed, off Linux, without glibc, or
+    where the environment sets `OISA_REUSE_FREED_MEMORY=0` (glibc's defaults kept, say for a process that must give
+    memory back between jobs).
     """
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or os.environ.get("OISA_REUSE_FREED_MEMORY") == "0":
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt

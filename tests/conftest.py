@@ -1,3 +1,4 @@
+import gc
 import os
 from pathlib import Path
 
@@ -6,12 +7,23 @@ import torch
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# `oisa segment` and eval.py set process-wide what suits a process running one job: glibc's freed memory kept for reuse
+# (left at glibc's defaults here, where many tests run those entry points in this one process; tests/modeling/
+# test_allocator.py runs it in child processes) and the garbage collector's frozen objects (undone after each test)
+os.environ.setdefault("OISA_REUSE_FREED_MEMORY", "0")
 
 from modeling_oisa import OisaForReferringSegmentation
 from oisa_tiny import tiny_oisa_config  # noqa: E402
 
 
 IMAGE_TOKEN, AUDIO_TOKEN, SEG_TOKEN, SUB_AUDIO_TOKEN = 384, 393, 396, 399
+
+
+@pytest.fixture(autouse=True)
+def collectable_objects():
+    """Objects that an entry point run in-process froze out of the garbage collector's passes become collectable."""
+    yield
+    gc.unfreeze()
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """`reuse_freed_memory`: a large block freed and allocated again comes back without fresh pages (Linux with glibc)."""
 
+import os
 import subprocess
 import sys
 
@@ -24,9 +25,15 @@ print(applied, *faults)
 """
 
 
-def page_faults(mode: str) -> tuple[str, list[int]]:
-    """Whether the setting applied, and the minor page faults of each of 8 allocations of a 64 MiB block."""
-    result = subprocess.run([sys.executable, "-c", CHILD, mode], capture_output=True, text=True, check=True)
+def page_faults(mode: str, setting: str | None = None) -> tuple[str, list[int]]:
+    """
+    Whether the setting applied, and the minor page faults of each of 8 allocations of a 64 MiB block, in a child
+    whose environment sets OISA_REUSE_FREED_MEMORY to `setting` (unset when None).
+    """
+    env = {name: value for name, value in os.environ.items() if name != "OISA_REUSE_FREED_MEMORY"}
+    if setting is not None:
+        env["OISA_REUSE_FREED_MEMORY"] = setting
+    result = subprocess.run([sys.executable, "-c", CHILD, mode], capture_output=True, text=True, check=True, env=env)
     applied, *faults = result.stdout.split()
     return applied, [int(count) for count in faults]
 
@@ -41,3 +48,9 @@ def test_freed_blocks_are_reused_without_fresh_pages():
     # kept for reuse, the heap grows for the first blocks (freed blocks can fall a little short of the next request's
     # alignment), then serves them again
     assert all(count < 100 for count in faults[-4:]), faults
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_the_environment_can_keep_glibcs_defaults():
+    applied, faults = page_faults("reuse", setting="0")
+    assert applied == "False" and all(count > 4000 for count in faults[-4:]), faults
