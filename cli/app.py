@@ -11,6 +11,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .segment import add_device_arguments, check_device_argument
+
 
 HELP = "serve the web demo: upload a video, give an expression, watch the masks (needs the demo extra)"
 logger = logging.getLogger("oisa")
@@ -24,13 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--host", help="address to listen on (default: $GRADIO_SERVER_NAME, else 127.0.0.1; 0.0.0.0 for the network)"
     )
-    parser.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when available)")
-    parser.add_argument(
-        "--dtype",
-        choices=["auto", "float32", "bfloat16"],
-        default="auto",
-        help="auto: bfloat16 on GPUs and on CPUs with bfloat16 matrix units (AMX, avx512_bf16), float32 elsewhere",
-    )
+    add_device_arguments(parser)
     parser.add_argument("--max-frames", type=int, default=300, help="longest video taken, in frames (default: 300)")
     parser.add_argument("--max-new-tokens", type=int, default=100)
 
@@ -39,7 +35,6 @@ def check_arguments(args: argparse.Namespace) -> None:
     """Refuses, before the model loads, arguments the server could not use."""
     from processing_oisa.media import OisaInputError
 
-    from .segment import check_device_argument
 
     if args.port is not None and not 1 <= args.port <= 65535:
         raise OisaInputError(f"--port must be between 1 and 65535, got {args.port}")
@@ -50,28 +45,16 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-    from transformers import AutoModel, AutoProcessor
-
-    from modeling_oisa import OisaCheckpointError, resolve_model_name
     from modeling_oisa.allocator import reuse_freed_memory
-    from modeling_oisa.precision import resolve_dtype
     from processing_oisa.segmenter import OisaVideoSegmenter
 
     check_arguments(args)
     if importlib.util.find_spec("gradio") is None:
         raise SystemExit('oisa app: the web demo needs gradio, which the demo extra installs: pip install -e ".[demo]"')
     reuse_freed_memory()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model_path = resolve_model_name(args.model)
-    try:
-        model = AutoModel.from_pretrained(model_path, dtype=resolve_dtype(args.dtype, device)).to(device).eval()
-        processor = AutoProcessor.from_pretrained(model_path)
-    except OSError as error:
-        raise OisaCheckpointError(
-            f"{args.model}: no such local folder or Hub repo, or it cannot be read ({error})"
-        ) from error
-    segmenter = OisaVideoSegmenter(model, processor, max_new_tokens=args.max_new_tokens)
+    segmenter = OisaVideoSegmenter.from_pretrained(
+        args.model, args.device, args.dtype, max_new_tokens=args.max_new_tokens
+    )
     # the modules and the model live as long as the server: the garbage collector leaves them out of its passes
     gc.freeze()
     # gradio's own requests to itself are no news

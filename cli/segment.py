@@ -29,18 +29,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(the default)",
     )
     parser.add_argument("--out", required=True, type=Path, help="output folder")
+    add_device_arguments(parser)
+    parser.add_argument(
+        "--chunk-size", type=int, default=8, help="frames through the mask head (EEMC: whose masks are written) at once"
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, help=f"OISA: the longest answer, in tokens (default {DEFAULT_MAX_NEW_TOKENS})"
+    )
+
+
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--device` and `--dtype`, as `oisa segment` and `oisa app` take them."""
     parser.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when available)")
     parser.add_argument(
         "--dtype",
         choices=["auto", "float32", "bfloat16"],
         default="auto",
         help="auto: bfloat16 on GPUs and on CPUs with bfloat16 matrix units (AMX, avx512_bf16), float32 elsewhere",
-    )
-    parser.add_argument(
-        "--chunk-size", type=int, default=8, help="frames through the mask head (EEMC: whose masks are written) at once"
-    )
-    parser.add_argument(
-        "--max-new-tokens", type=int, help=f"OISA: the longest answer, in tokens (default {DEFAULT_MAX_NEW_TOKENS})"
     )
 
 
@@ -106,23 +111,19 @@ def local_model_type(model_path: str) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
     from tqdm.auto import tqdm
-    from transformers import AutoModel, AutoProcessor
 
-    from modeling_oisa import TINY_SYNTHETIC_NAME, OisaCheckpointError, resolve_model_name
+    from modeling_oisa import TINY_SYNTHETIC_NAME, resolve_model_name
     from modeling_oisa.allocator import reuse_freed_memory
-    from modeling_oisa.precision import resolve_dtype
     from processing_oisa.auto_segmenter import video_segmenter
     from processing_oisa.media import VideoReader
     from processing_oisa.processing_oisa import OisaExpression
+    from processing_oisa.segmenter import load_model_and_processor
 
     from .segmentation_files import write_segmentation
 
     check_arguments(args)
     reuse_freed_memory()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = resolve_dtype(args.dtype, device)
     expression = OisaExpression(
         text=args.text, speech=args.speech, sound=args.sound, image=args.image, explain=args.explain
     )
@@ -135,14 +136,8 @@ def run(args: argparse.Namespace) -> int:
     # a local folder says its family now, a Hub repo once loaded
     check_family_arguments(args, local_model_type(model_path))
     reader = VideoReader(args.video)
-    try:
-        model = AutoModel.from_pretrained(model_path, dtype=dtype).to(device).eval()
-        processor = AutoProcessor.from_pretrained(model_path)
-    except OSError as error:
-        # online, a misspelt Hub id ends here
-        raise OisaCheckpointError(
-            f"{args.model}: no such local folder or Hub repo, or it cannot be read ({error})"
-        ) from error
+    # online, a misspelt Hub id ends here, in OisaCheckpointError
+    model, processor = load_model_and_processor(args.model, args.device, args.dtype)
     model_type = model.config.model_type
     check_family_arguments(args, model_type)
     # the modules, the model and the processor live until the process ends: the garbage collector leaves them out of
