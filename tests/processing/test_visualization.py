@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from processing_oisa.visualization import TINTS, contrasting_tint, overlay_mask
+from processing_oisa.visualization import TINTS, _edge, contrasting_tint, overlay_mask
 
 
 def frame_with_square(colour: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -42,3 +42,25 @@ def test_a_given_colour_is_used():
     frame, mask = frame_with_square((128, 128, 128))
     overlay = overlay_mask(frame, mask, alpha=1.0, colour=(0, 200, 255))
     assert tuple(overlay[20, 20]) == (0, 200, 255)
+
+
+def test_the_overlay_is_the_blend_of_the_frame_in_float32():
+    # the overlay looks each channel value's blend up in a table; it must equal blending the whole frame in float32
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    mask = np.zeros((48, 64), dtype=bool)
+    mask[5:40, 8:50] = rng.random((35, 42)) < 0.8
+    for alpha, colour in [(0.55, None), (0.3, (10, 200, 90)), (1.0, (255, 0, 220))]:
+        tint = contrasting_tint(frame[mask].astype(np.float32)) if colour is None else np.float32(colour)
+        expected = frame.astype(np.float32)
+        expected[mask] = (1 - alpha) * expected[mask] + alpha * tint
+        expected = expected.clip(0, 255).astype(np.uint8)
+        overlay = overlay_mask(frame, mask, alpha=alpha, colour=colour)
+        outline = _edge(mask)
+        assert set(map(tuple, overlay[outline])) in ({(0, 0, 0)}, {(255, 255, 255)})
+        assert np.array_equal(overlay[~outline], expected[~outline]), (alpha, colour)
+
+
+def test_an_empty_mask_leaves_the_frame_as_it_is():
+    frame = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    assert np.array_equal(overlay_mask(frame, np.zeros((20, 30), dtype=bool)), frame)
