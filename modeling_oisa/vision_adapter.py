@@ -207,7 +207,9 @@ class OisaViTAdapter(nn.Module):
                 queries.split([h * w for h, w in grid_sizes], dim=1), grid_sizes
             )
         ]
-        maps = [self.up(maps[0]) + stride4, *maps]
+        # the sum takes the layout of its first term: the stride-4 map is channels-last, `up`'s output is not for a
+        # single image, and the float32 norm below reads a channels-last map in a third of the time
+        maps = [stride4 + self.up(maps[0]), *maps]
 
         vit_map = hidden_states[:, 1:].transpose(1, 2).reshape(batch_size, -1, *vit_grid)
         vit_map = F.interpolate(vit_map, size=grid_sizes[1], mode="bilinear", align_corners=False)

@@ -308,3 +308,20 @@ def test_loss_without_supervised_tokens_or_seg_is_finite(tiny_model):
     with torch.no_grad():
         output = tiny_model(**sample)
     assert output.lm_loss == 0 and output.class_loss == 0 and torch.isfinite(output.loss)
+
+
+def test_the_adapter_norms_read_channels_last_maps_for_a_single_image(tiny_model):
+    # a channels-first input makes each float32 norm copy its map first (three times as long on OISA-1B's 112x112x1024)
+    layouts = []
+    hooks = [
+        norm.register_forward_pre_hook(
+            lambda module, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last))
+        )
+        for norm in tiny_model.vision_adapter.output_norms
+    ]
+    size = tiny_model.config.image_size
+    with torch.no_grad():
+        tiny_model.get_image_features(torch.randn(1, 3, size, size))
+    for hook in hooks:
+        hook.remove()
+    assert layouts == [True] * 4
