@@ -95,9 +95,9 @@ class OisaMultiscaleDeformableAttention(nn.Module):
             dtype=reference_points.dtype,
             device=reference_points.device,
         )
-        sampling_locations = (
-            reference_points[:, :, None, :, None, :]
-            + sampling_offsets / offset_normalizer[None, None, None, :, None, :]
+        # reference + offset / normalizer in one pass (the same values as the division then the sum)
+        sampling_locations = torch.addcdiv(
+            reference_points[:, :, None, :, None, :], sampling_offsets, offset_normalizer[None, None, None, :, None, :]
         )
         if oisa_kernels is not None:
             output = oisa_kernels.ms_deform_attn(

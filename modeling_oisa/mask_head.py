@@ -207,6 +207,8 @@ class OisaMaskHead(nn.Module):
             layer.self_attn = OisaMultiscaleDeformableAttention(
                 config.mask_hidden_dim, config.mask_num_heads, n_levels=3, n_points=4
             )
+            # the feed-forward's ReLU in place, on fc1's fresh output (fc1's backward does not need it)
+            layer.activation_fn = torch.relu_
         self.query_decoder = OisaQueryDecoder(config)
 
     def decode_pixels(self, image_maps: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
