@@ -86,7 +86,7 @@ class OisaMultiscaleDeformableAttention(nn.Module):
         attention_weights = self.attention_weights(hidden_states).view(
             batch_size, num_queries, self.n_heads, self.n_levels * self.n_points
         )
-        attention_weights = attention_weights.softmax(-1).view(
+        attention_weights = softmax_over_short_rows(attention_weights).view(
             batch_size, num_queries, self.n_heads, self.n_levels, self.n_points
         )
         # offsets are in pixels of each level: x is divided by the level's width, y by its height
@@ -108,6 +108,19 @@ class OisaMultiscaleDeformableAttention(nn.Module):
                 value, spatial_shapes_list, sampling_locations.to(value.dtype), attention_weights.to(value.dtype)
             )
         return self.output_proj(output), attention_weights
+
+
+def softmax_over_short_rows(scores: torch.Tensor) -> torch.Tensor:
+    """
+    Softmax over the last dimension when it is a few values long (a head's 4 to 12 sampling points). On the CPU torch's
+    softmax over the last dimension works row by row, which for rows this short takes about 5 times as long as the same
+    softmax over the first dimension of the transposed rows, where it works across rows (27 ms against 5 ms for the
+    pixel decoder's 8x4116x8 rows of 12 on 2 cores; equal within a float32 ulp): so it runs that way there.
+    """
+    if scores.device.type != "cpu":
+        return scores.softmax(-1)
+    rows = scores.reshape(-1, scores.shape[-1])
+    return rows.t().softmax(0).t().reshape(scores.shape)
 
 
 def cell_centre_reference_points(

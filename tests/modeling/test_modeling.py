@@ -3,6 +3,7 @@ import torch
 from transformers.models.internvl.modeling_internvl import InternVLModel
 
 from modeling_oisa import OisaConfig, OisaForReferringSegmentation, OisaInjectionError
+from modeling_oisa.deformable_attention import softmax_over_short_rows
 from modeling_oisa.modeling_oisa import pixel_shuffle
 from oisa_tiny import tiny_oisa_config
 
@@ -325,3 +326,20 @@ def test_the_adapter_norms_read_channels_last_maps_for_a_single_image(tiny_model
     for hook in hooks:
         hook.remove()
     assert layouts == [True] * 4
+
+
+@pytest.mark.parametrize("shape", [(2, 50, 8, 12), (3, 40, 16, 4)])
+def test_the_short_row_softmax_is_torch_softmax(shape):
+    # the deformable attention's CPU softmax over each head's few sampling points, taken over transposed rows
+    torch.manual_seed(0)
+    scores = torch.randn(shape) * 30
+    assert torch.allclose(softmax_over_short_rows(scores), scores.softmax(-1), rtol=0, atol=2**-24)
+    low = scores.bfloat16()
+    assert softmax_over_short_rows(low).dtype == torch.bfloat16
+    assert torch.allclose(softmax_over_short_rows(low).float(), low.softmax(-1).float(), rtol=0, atol=2**-8)
+    # the same gradient as torch's softmax (the maximum's shift has none)
+    scores = scores.double().requires_grad_()
+    weights = torch.randn(shape, dtype=torch.float64)
+    (ours,) = torch.autograd.grad((softmax_over_short_rows(scores) * weights).sum(), scores)
+    (theirs,) = torch.autograd.grad((scores.softmax(-1) * weights).sum(), scores)
+    assert torch.allclose(ours, theirs, rtol=0, atol=1e-12)
