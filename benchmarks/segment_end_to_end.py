@@ -6,7 +6,9 @@ elsewhere), each in a fresh process of its own, timed by this script.
 
 Prints the CPU and whether it has bfloat16 matrix units, then per stage the seconds of each dtype and their ratio
 (stages are timed in the child process by timers around the functions that do them, each second counted once, in the
-outermost stage), and the whole process's wall time: Python start and imports, loading, segmenting and writing.
+outermost stage), and the whole process's wall time: Python start and imports, loading, segmenting and writing. Each
+run's CPU seconds in user and kernel mode and its page faults come after: the float32 run touches twice the memory,
+and where a first touch is dear (in a virtual machine) its kernel time varies from run to run and with it its wall time.
 
 The model is written once (bfloat16 as released; its deformable-attention blocks float32) to `--model-dir`, or to a
 temporary folder; its generation config adds a bias to `[SEG]` (`oisa_1b.SEG_LOGIT_BIAS`) so that the random model's
@@ -23,6 +25,7 @@ import functools
 import inspect
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -163,11 +166,18 @@ def run_segment(
     command = [sys.executable, str(script), "--child", "--dtype", dtype, "--video", str(video), "--model-dir",
                str(model_dir), "--out", str(out), "--report", str(report), "--max-new-tokens", str(max_new_tokens)]
     environment = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment)
     wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     result = json.loads(report.read_text())
     result["wall"] = wall
+    # the child's CPU seconds in user and kernel mode and its page faults: where first touches of memory are dear (a
+    # virtual machine's), the kernel time of the larger float32 run moves its wall time from run to run
+    result["user"] = after.ru_utime - before.ru_utime
+    result["system"] = after.ru_stime - before.ru_stime
+    result["page_faults"] = after.ru_minflt - before.ru_minflt
     summary = json.loads((out / "result.json").read_text())
     result["segmented"] = summary["segmented"]
     result["masks"] = len(list((out / "masks").glob("*.png")))
@@ -247,10 +257,16 @@ def main() -> None:
         print(f"{stage:40s}" + "".join(f"{value:20.2f}" for value in values) + ratio)
     for dtype, results in runs.items():
         print(f"{names[dtype]} runs (wall s): " + ", ".join(f"{result['wall']:.1f}" for result in results))
+        print("  CPU s in user / kernel mode, minor page faults: " + ", ".join(
+            f"{result['user']:.1f} / {result['system']:.1f}, {result['page_faults'] / 1e6:.2f} M" for result in results
+        ))
     if len(runs) == 2:
         whole = [median_row(results, WHOLE) for results in runs.values()]
         print(f"\nend to end: float32 {whole[0]:.1f} s, {names[args.dtype]} {whole[1]:.1f} s: float32 takes "
               f"{whole[0] / whole[1]:.2f}x as long; load average now {os.getloadavg()[0]:.1f}")
+        user = [statistics.median(result["user"] for result in results) for results in runs.values()]
+        print(f"CPU time in user mode (medians): float32 {user[0]:.1f} s, {names[args.dtype]} {user[1]:.1f} s: "
+              f"{user[0] / user[1]:.2f}x")
 
 
 if __name__ == "__main__":
