@@ -35,7 +35,6 @@ def check_arguments(args: argparse.Namespace) -> None:
     """Refuses, before the model loads, arguments the server could not use."""
     from processing_oisa.media import OisaInputError
 
-
     if args.port is not None and not 1 <= args.port <= 65535:
         raise OisaInputError(f"--port must be between 1 and 65535, got {args.port}")
     for name in ("max_frames", "max_new_tokens"):

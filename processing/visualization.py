@@ -10,14 +10,8 @@ TINTS = np.array(
 )
 
 
-def contrasting_tint(pixels: np.ndarray) -> np.ndarray:
-    """The tint of `TINTS` farthest from the mean colour of `pixels` (N, 3), so that a red object is not tinted red."""
-    if len(pixels) == 0:
-        return TINTS[0]
-    return _tint_farthest_from(pixels.reshape(-1, 3).mean(axis=0))
-
-
-def _tint_farthest_from(colour: np.ndarray) -> np.ndarray:
+def contrasting_tint(colour: np.ndarray) -> np.ndarray:
+    """The tint of `TINTS` farthest from `colour` (an object's mean RGB), so that a red object is not tinted red."""
     return TINTS[np.argmax(((TINTS - colour) ** 2).sum(axis=1))]
 
 
@@ -44,7 +38,7 @@ def overlay_mask(
     elif mask.any():
         # the masked pixels' mean colour from exact per-channel sums (gathering whole pixels is several times slower)
         sums = np.array([np.add.reduce(plane[mask], dtype=np.int64) for plane in planes])
-        tint = _tint_farthest_from(sums / np.count_nonzero(mask))
+        tint = contrasting_tint(sums / np.count_nonzero(mask))
     else:
         tint = TINTS[0]
     # the blend of each of the 256 values of a channel with the tint, computed as a blend of the whole float frame
